@@ -33,7 +33,9 @@ def canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in NAMES:
-        raise ValueError(f"unknown blip_kernels backend {name!r}; choose one of {NAMES} (or 'torch')")
+        raise ValueError(
+            f"unknown blip_kernels backend {name!r}; choose one of {NAMES} (or 'torch')"
+        )
     return key
 
 

@@ -71,7 +71,8 @@ def _check_tensor(
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
+        got = str(t.dtype).replace("torch.", "")
+        raise TypeError(f"{name} must have dtype {allowed}; got {got}")
     if shape is not None and t.shape != shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
     if device is not None and t.device != device:
@@ -123,7 +124,7 @@ def _inplace(targets: Sequence[Tensor | None], run: Callable[..., object]) -> ob
     """Call ``run(*dense_targets)`` and write results back to non-contiguous targets."""
     dense = [_dense(t) for t in targets]
     result = run(*dense)
-    for orig, d in zip(targets, dense):
+    for orig, d in zip(targets, dense, strict=False):
         if orig is not None and d is not orig:
             orig.copy_(d)
     return result
@@ -195,7 +196,9 @@ def _(w, grad, prev, bits, momentum_buf, bound, max_bit, lr, momentum, dampening
 
 
 @torch.library.custom_op("blip::update_bits_", mutates_args=("bits", "fisher", "fisher_old"))
-def _update_bits_op(bits: Tensor, fisher: Tensor, fisher_old: Tensor, task: int, max_bit: int) -> None:
+def _update_bits_op(
+    bits: Tensor, fisher: Tensor, fisher_old: Tensor, task: int, max_bit: int
+) -> None:
     be = _backend(bits)
     _inplace([bits, fisher, fisher_old], lambda b, f, fo: be.update_bits_(b, f, fo, task, max_bit))
 
@@ -280,7 +283,10 @@ def quantize_ste(w: Tensor, bits: Tensor, bound: float) -> Tensor:
 
 
 def project_(w: Tensor, prev: Tensor, bits: Tensor, bound: float, max_bit: int) -> Tensor:
-    """Section 4 in place, for use after any optimizer. Returns the count of reset NaN/Inf weights."""
+    """Section 4 in place, for use after any optimizer (Adam...).
+
+    Returns the number of NaN/Inf weights, which are reset to ``prev``.
+    """
     _check_param_state(w, prev, bits, bound, max_bit)
     with torch.no_grad():
         return _project_op(w, prev, bits, float(bound), max_bit)
@@ -371,7 +377,8 @@ def fisher_linear_(
     output, (N, out) or (N, L, out). ``fisher_w``: (out, in); ``fisher_b``: (out,) or None.
     """
     _check_tensor("x", x, PARAM_DTYPES)
-    _check(x.dim() in (2, 3), f"x must be 2-D (N, in) or 3-D (N, L, in); got shape {tuple(x.shape)}")
+    _check(x.dim() in (2, 3),
+           f"x must be 2-D (N, in) or 3-D (N, L, in); got shape {tuple(x.shape)}")
     _check_tensor("grad_out", grad_out, PARAM_DTYPES, device=x.device)
     _check(
         grad_out.dim() == x.dim() and grad_out.shape[:-1] == x.shape[:-1],

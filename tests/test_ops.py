@@ -57,7 +57,8 @@ def test_conformance_projection_then_sync(backend, vectors, kind):
         w, prev, bits = vectors["clip_weight_in"], vectors["clip_prev"], vectors["clip_bits"]
         bound = float(vectors["clip_bound"])
     else:
-        w, prev, bits = vectors["clip_bias_in"], vectors["clip_bias_prev"], vectors["clip_bias_bits"]
+        w, prev = vectors["clip_bias_in"], vectors["clip_bias_prev"]
+        bits = vectors["clip_bias_bits"]
         bound = 1.0
     max_bit = int(vectors["clip_max_bit"])
     w, prev, bits = w.clone().to(backend), prev.clone().to(backend), u8(bits).to(backend)
@@ -184,7 +185,9 @@ def test_update_bits_matches_reference(backend, n, task):
     if n > 2:
         fisher[0], fisher_old[0] = 0.0, 0.0  # 0/0: NaN gain grows nothing
         fisher[1], fisher_old[1] = 1.0, 0.0  # +inf gain: capped
-    _, (b_ref, f_ref, fo_ref, *_) = on_reference(bk.update_bits_, bits, fisher, fisher_old, task, MAX_BIT)
+    _, (b_ref, f_ref, fo_ref, *_) = on_reference(
+        bk.update_bits_, bits, fisher, fisher_old, task, MAX_BIT
+    )
     bk.update_bits_(bits, fisher, fisher_old, task, MAX_BIT)
     assert torch.equal(bits, b_ref)
     assert torch.equal(fisher_old, fo_ref)
