@@ -39,11 +39,18 @@ def _f32(v: float, like: Tensor) -> Tensor:
     return torch.tensor(v, dtype=torch.float32, device=like.device)
 
 
+_POW2: dict[tuple[torch.device, int], Tensor] = {}
+
+
 def _pow2(bits: Tensor, sign: int) -> Tensor:
-    """Exact 2**(sign*bits) in fp32 (a table lookup, not exp2)."""
-    table = torch.tensor(
-        [2.0 ** (sign * i) for i in range(256)], dtype=torch.float32, device=bits.device
-    )
+    """Exact 2**(sign*bits) in fp32 (a cached table lookup, not exp2)."""
+    key = (bits.device, sign)
+    table = _POW2.get(key)
+    if table is None:
+        table = torch.tensor(
+            [2.0 ** (sign * i) for i in range(256)], dtype=torch.float32, device=bits.device
+        )
+        _POW2[key] = table
     return table[bits.long()]
 
 
