@@ -1,0 +1,247 @@
+"""True-Fisher estimation at the end of a task (conformance README, section 7).
+
+Convention (the one the published ``F_prior`` values assume):
+
+* targets are *sampled* from the model's own categorical over the task head's
+  logits (true Fisher, not the empirical one);
+* the loss is the batch mean, so each per-sample gradient carries ``1/batch_size``;
+* squared per-sample gradients are summed over all samples, then divided by the
+  number of samples.
+
+The per-sample squares come from :func:`blip_kernels.fisher_linear_` /
+:func:`blip_kernels.fisher_conv2d_`, fed by hooks that keep each quantized
+layer's input and the loss gradient w.r.t. its output; no per-sample gradient
+is ever held here.
+
+Mode: the model runs in **eval** mode during estimation, as in the authors'
+code. It also makes per-sample gradients well defined: in train mode BatchNorm
+couples the samples of a batch and dropout adds noise to the estimate. The
+previous train/eval flags are restored afterwards.
+
+Batching: samples are re-batched to exactly ``batch_size`` whatever the input
+batching, and the loss is ``sum / batch_size`` so a short final batch keeps the
+same ``1/batch_size`` factor as the others (with full batches it *is* the mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import blip_kernels
+
+from .nn import QuantConv2d, QuantLinear
+
+Layer = QuantLinear | QuantConv2d
+Forward = Callable[[Tensor], Tensor]
+
+
+def _first_tensor(batch: object) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and isinstance(batch.get("x"), Tensor):
+        return batch["x"]
+    raise TypeError(
+        "data: each batch must be a Tensor, a (x, y, ...) tuple/list or a dict with 'x'; "
+        f"got {type(batch).__name__}"
+    )
+
+
+def iter_fisher_batches(
+    data: object,
+    n_batches: int = 80,
+    batch_size: int = 100,
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Input batches of exactly ``batch_size`` (the last may be short), at most ``n_batches``.
+
+    ``data``: a Tensor ``x``; a *tuple* of tensors ``(x, y, ...)`` with a common first
+    dimension (a dataset: a random subset is drawn with ``generator``, as the authors
+    shuffle); or any iterable of batches (DataLoader, list of ``(x, y)``...), consumed
+    in order until enough samples were seen.
+    """
+    if not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"n_batches must be an int >= 1; got {n_batches!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    limit = n_batches * batch_size
+    if isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data):
+        data = data[0]
+    if isinstance(data, Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise ValueError(f"data holds no samples (shape {tuple(data.shape)})")
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        order = torch.randperm(data.shape[0], generator=generator, device=gen_device)[:limit]
+        order = order.to(data.device)
+        for s in range(0, order.numel(), batch_size):
+            yield data[order[s : s + batch_size]]
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data must be a Tensor, a tuple of tensors or an iterable of batches; "
+                        f"got {type(data).__name__}")
+    pending: list[Tensor] = []
+    have = seen = 0
+    for batch in data:
+        x = _first_tensor(batch)
+        x = x[: limit - seen]
+        pending.append(x)
+        have += x.shape[0]
+        seen += x.shape[0]
+        while have >= batch_size:
+            cat = torch.cat(pending) if len(pending) > 1 else pending[0]
+            yield cat[:batch_size]
+            rest = cat[batch_size:]
+            pending, have = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
+        if seen >= limit:
+            break
+    if have:
+        yield torch.cat(pending)
+    if seen == 0:
+        raise ValueError("data yielded no samples")
+
+
+class _Recorder:
+    """Forward hooks that keep each layer's input and hook its output's gradient."""
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self.calls: dict[int, int] = {}
+        self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
+        self.names = {id(layer): type(layer).__name__ for layer in layers}
+
+    def _hook(self, layer: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if not torch.is_grad_enabled():
+            return
+        n = self.calls.get(id(layer), 0) + 1
+        self.calls[id(layer)] = n
+        if n > 1:
+            # Σ_n (Σ_uses g)^2 does not split into per-use squares.
+            raise ValueError(
+                f"a quantized {self.names[id(layer)]} was called more than once in one "
+                "forward; the Fisher of a layer shared within a forward is not supported"
+            )
+        x = inputs[0].detach()
+        # A tensor hook registered now sees the gradient of this output even if a
+        # later op (ReLU(inplace=True)) modifies it in place.
+        output.register_hook(lambda g: _accumulate(layer, x, g))
+
+    def new_batch(self) -> None:
+        self.calls.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _accumulate(layer: nn.Module, x: Tensor, g: Tensor) -> None:
+    fw = layer.fisher_weight
+    fb = layer.fisher_bias if layer.bias is not None else None
+    if isinstance(layer, QuantLinear):
+        if x.dim() == 1:  # unbatched call: one sample
+            x, g = x.unsqueeze(0), g.unsqueeze(0)
+        elif x.dim() > 3:  # (N, *, in): per-sample gradients sum over all middle axes
+            x, g = x.flatten(1, -2), g.flatten(1, -2)
+        blip_kernels.fisher_linear_(fw, fb, x, g.detach())
+        return
+    if x.dim() == 3:
+        x, g = x.unsqueeze(0), g.unsqueeze(0)
+    padding = layer.padding
+    if isinstance(padding, str) or layer.padding_mode != "zeros":
+        # Pad as the layer's forward does ('same' may be asymmetric, or a non-zero
+        # padding mode), then run the kernel unpadded.
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+        padding = (0, 0)
+    blip_kernels.fisher_conv2d_(
+        fw, fb, x, g.detach(), layer.stride, padding, layer.dilation, layer.groups
+    )
+
+
+def _sample_targets(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    probs = F.softmax(logits.detach().float(), dim=-1)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(
+            -1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def estimate_fisher_(
+    model: nn.Module,
+    layers: Iterable[Layer] | Iterable[tuple[str, Layer]],
+    batches: object,
+    forward: Forward,
+    *,
+    n_batches: int = 80,
+    batch_size: int = 100,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Fill each layer's Fisher accumulator with this task's true-Fisher diagonal.
+
+    ``layers``: quantized layers (or ``(name, layer)`` pairs, as from
+    :func:`blip.nn.quantized_layers`); their accumulators are allocated (zeroed)
+    here and consumed by ``layer.update_bits_``. ``batches``: see
+    :func:`iter_fisher_batches`. ``forward(x)`` returns the task head's logits
+    ``(N, classes)``. ``generator`` drives the subset draw and the target sampling.
+    Returns the number of samples used.
+    """
+    layer_list: list[Layer] = []
+    for item in layers:
+        layer = item[1] if isinstance(item, tuple) else item
+        if not isinstance(layer, (QuantLinear, QuantConv2d)):
+            raise TypeError(f"layers must hold QuantLinear/QuantConv2d; got {type(layer).__name__}")
+        layer_list.append(layer)
+    if not layer_list:
+        raise ValueError("layers is empty: nothing to estimate a Fisher for")
+    if not callable(forward):
+        raise TypeError(f"forward must be callable x -> logits; got {type(forward).__name__}")
+
+    modes = {m: m.training for m in model.modules()}
+    grad_flags = {id(p): (p, p.requires_grad) for lay in layer_list for p in lay.parameters()}
+    weights = [lay.weight for lay in layer_list]
+    device = weights[0].device
+    for lay in layer_list:
+        lay.free_fisher_()
+        lay.alloc_fisher_()
+    recorder = _Recorder(layer_list)
+    n = 0
+    try:
+        model.eval()
+        for p, _ in grad_flags.values():
+            p.requires_grad_(True)  # so every hooked output is part of the graph
+        with torch.enable_grad():
+            for x in iter_fisher_batches(batches, n_batches, batch_size, generator):
+                x = x.to(device, non_blocking=True)  # loaders often yield CPU batches
+                recorder.new_batch()
+                logits = forward(x)
+                if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+                    raise ValueError(
+                        f"forward must return logits of shape (N={x.shape[0]}, classes); "
+                        f"got {tuple(logits.shape)}"
+                    )
+                y = _sample_targets(logits, generator)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") / batch_size
+                # Gradients w.r.t. the weights are only a way to drive the backward
+                # through every hooked output; they are discarded (no .grad pollution).
+                torch.autograd.grad(loss, weights, allow_unused=True)
+                n += x.shape[0]
+        for lay in layer_list:
+            for name in lay.blip_param_names():
+                getattr(lay, f"fisher_{name}").mul_(1.0 / n)
+    except BaseException:
+        for lay in layer_list:
+            lay.free_fisher_()
+        raise
+    finally:
+        recorder.remove()
+        for p, flag in grad_flags.values():
+            p.requires_grad_(flag)
+        for m, flag in modes.items():
+            m.training = flag
+    return n
+
+
+__all__ = ["estimate_fisher_", "iter_fisher_batches"]

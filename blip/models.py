@@ -1,0 +1,198 @@
+"""Multi-head models for task-incremental learning, built from plain ``nn`` layers.
+
+Each model has a shared trunk and one ``nn.Linear`` head per task in ``self.heads``;
+``forward(x, task)`` returns that task's logits. Trunk Linear/Conv2d layers are
+initialised as the authors' quantized layers (N(0, 1/fan_in) clamped to
+±6/sqrt(fan_in), zero bias) so every method starts from the same weights and
+``blip.convert(model, exclude=("heads",))`` copies them unchanged. Heads keep
+PyTorch's default init, as in the authors' code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nn import blip_init_
+
+
+def _check_classes(classes_per_task: Sequence[int]) -> list[int]:
+    classes = list(classes_per_task)
+    if not classes or not all(isinstance(c, int) and c >= 1 for c in classes):
+        raise ValueError(f"classes_per_task must be a non-empty list of ints >= 1; "
+                         f"got {classes_per_task!r}")
+    return classes
+
+
+def _check_width(width: float) -> None:
+    if not (isinstance(width, (int, float)) and width > 0):
+        raise ValueError(f"width must be a positive number; got {width!r}")
+
+
+def _init_trunk(trunk: nn.Module) -> None:
+    for m in trunk.modules():
+        if type(m) in (nn.Linear, nn.Conv2d):
+            blip_init_(m)
+
+
+class MultiHead(nn.Module):
+    """Base: ``features(x)`` (the trunk) and ``self.heads``; ``forward(x, task)``."""
+
+    heads: nn.ModuleList
+
+    def features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        if not (isinstance(task, int) and 0 <= task < len(self.heads)):
+            raise ValueError(f"task must be an int in 0..{len(self.heads) - 1}; got {task!r}")
+        return self.heads[task](self.features(x))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.heads)
+
+
+class MLP(MultiHead):
+    """``in -> hidden (ReLU) [-> hidden (ReLU)]* -> head[task]``; input is flattened."""
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        hidden: int = 100,
+        classes_per_task: Sequence[int] = (10,),
+        n_hidden_layers: int = 1,
+    ) -> None:
+        super().__init__()
+        if not isinstance(in_features, int):
+            in_features = int(torch.Size(in_features).numel())
+        if in_features < 1:
+            raise ValueError(f"in_features must be >= 1; got {in_features!r}")
+        if not (isinstance(hidden, int) and hidden >= 1):
+            raise ValueError(f"hidden must be an int >= 1; got {hidden!r}")
+        if not (isinstance(n_hidden_layers, int) and n_hidden_layers >= 1):
+            raise ValueError(f"n_hidden_layers must be an int >= 1; got {n_hidden_layers!r}")
+        classes = _check_classes(classes_per_task)
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(n_hidden_layers):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.in_features = in_features
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in classes)
+        _init_trunk(self.trunk)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.trunk(x.reshape(x.shape[0], -1))
+
+
+def _conv_out(size: int, k: int) -> int:
+    return size - k + 1
+
+
+class AlexNet(MultiHead):
+    """The authors' AlexNet-style net: 3 convs (64/128/256 channels, kernels
+    size//8, size//10, 2), each ReLU -> dropout(0.2) -> max-pool 2; then 2 fc of 2048
+    with ReLU and dropout(0.2). Channel and fc widths scale by ``width``."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int] = (3, 32, 32),
+        classes_per_task: Sequence[int] = (10,),
+        width: float = 1.0,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ValueError(f"in_shape must be (channels, height, width); got {in_shape!r}")
+        _check_width(width)
+        classes = _check_classes(classes_per_task)
+        ch, size = int(in_shape[0]), int(in_shape[1])
+        k1, k2 = max(size // 8, 1), max(size // 10, 1)
+        c1, c2, c3 = (max(1, round(c * width)) for c in (64, 128, 256))
+        fc = max(1, round(2048 * width))
+        s = _conv_out(size, k1) // 2
+        s = _conv_out(s, k2) // 2
+        s = _conv_out(s, 2) // 2
+        if s < 1:
+            raise ValueError(f"in_shape {tuple(in_shape)} is too small for AlexNet")
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(ch, c1, k1), nn.Conv2d(c1, c2, k2), \
+            nn.Conv2d(c2, c3, 2)
+        self.fc1, self.fc2 = nn.Linear(c3 * s * s, fc), nn.Linear(fc, fc)
+        self.drop = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(fc, c) for c in classes)
+        for layer in (self.conv1, self.conv2, self.conv3, self.fc1, self.fc2):
+            blip_init_(layer)
+
+    def features(self, x: Tensor) -> Tensor:
+        h = x
+        for conv in (self.conv1, self.conv2, self.conv3):
+            h = F.max_pool2d(self.drop(F.relu(conv(h))), 2)
+        h = h.flatten(1)
+        h = self.drop(F.relu(self.fc1(h)))
+        return self.drop(F.relu(self.fc2(h)))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout, affine=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, affine=False)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, affine=False)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(MultiHead):
+    """ResNet-18 as the authors use it: bias-free convs, ``BatchNorm2d(affine=False)``
+    (no learnable norm parameters to protect), stem conv 3x3 stride 2, blocks
+    [2, 2, 2, 2] of 64/128/256/512 channels (times ``width``), global average pool.
+
+    The BatchNorm running statistics are shared across tasks, as in the authors' code.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int] = (3, 84, 84),
+        classes_per_task: Sequence[int] = (5,),
+        width: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ValueError(f"in_shape must be (channels, height, width); got {in_shape!r}")
+        _check_width(width)
+        classes = _check_classes(classes_per_task)
+        planes = [max(1, int(c * width)) for c in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(int(in_shape[0]), planes[0], 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0], affine=False)
+        blocks: list[nn.Module] = []
+        cin = planes[0]
+        for i, p in enumerate(planes):
+            for j in range(2):
+                blocks.append(_BasicBlock(cin, p, 2 if (i > 0 and j == 0) else 1))
+                cin = p
+        self.layers = nn.Sequential(*blocks)
+        self.heads = nn.ModuleList(nn.Linear(cin, c) for c in classes)
+        _init_trunk(self.conv1)
+        _init_trunk(self.layers)
+
+    def features(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+__all__ = ["MLP", "AlexNet", "MultiHead", "ResNet18"]

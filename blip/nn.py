@@ -1,0 +1,399 @@
+"""Quantized layers holding BLIP state, and :func:`convert` for any PyTorch model.
+
+Every BLIP-constrained parameter ``p`` (a layer's ``weight`` and, when present,
+``bias``) carries three resident buffers:
+
+* ``prev_<p>``       fp32   the parameter as it stood (quantized) after the last task
+* ``bits_<p>``       uint8  frozen most-significant bits per element, ``0..max_bit``
+* ``fisher_old_<p>`` fp32   running average of earlier tasks' Fisher, initialised to
+  ``F_prior * fan_in`` (the per-layer prior of the conformance README, section 2)
+
+That is 9 bytes per parameter. The Fisher accumulator ``fisher_<p>`` of the task
+being ended exists only between :meth:`alloc_fisher_` (called by the Fisher
+estimator) and :meth:`update_bits_`, which folds it into ``fisher_old`` and frees it.
+
+Bounds: weights ``6/sqrt(fan_in)``, biases ``1.0`` (``fan_in`` = ``in_features``
+or ``in_channels/groups * kh * kw``). All state math goes through
+:mod:`blip_kernels`; this module only owns the buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import blip_kernels
+
+FORWARD_MODES = ("continuous", "quantized")
+DEFAULT_MAX_BIT = 20
+DEFAULT_F_PRIOR = 1e-15
+BIAS_BOUND = 1.0
+
+
+class Constraint(NamedTuple):
+    """What the constrained update needs to know about one parameter."""
+
+    param: nn.Parameter
+    prev: Tensor
+    bits: Tensor
+    bound: float
+    max_bit: int
+
+
+def weight_bound(fan_in: int) -> float:
+    """The authors' per-layer weight range ``6/sqrt(fan_in)``."""
+    return 6.0 / math.sqrt(fan_in)
+
+
+def blip_init_(layer: nn.Linear | nn.Conv2d) -> None:
+    """The authors' initialisation: weight ~ N(0, 1/fan_in) clamped to ±bound, bias 0."""
+    fan_in = layer.weight[0].numel()
+    with torch.no_grad():
+        layer.weight.normal_(0.0, math.sqrt(1.0 / fan_in))
+        bound = weight_bound(fan_in)
+        layer.weight.clamp_(-bound, bound)
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+def _check_config(max_bit: int, F_prior: float, forward_mode: str) -> None:
+    if not (isinstance(max_bit, int) and 1 <= max_bit <= blip_kernels.ops.MAX_SUPPORTED_BIT):
+        raise ValueError(
+            f"max_bit must be an int in 1..{blip_kernels.ops.MAX_SUPPORTED_BIT}; got {max_bit!r}"
+        )
+    if not (isinstance(F_prior, (int, float)) and math.isfinite(F_prior) and F_prior > 0):
+        raise ValueError(f"F_prior must be a positive finite number; got {F_prior!r}")
+    if forward_mode not in FORWARD_MODES:
+        raise ValueError(f"forward_mode must be one of {FORWARD_MODES}; got {forward_mode!r}")
+
+
+class _QuantMixin:
+    """BLIP state and operations shared by :class:`QuantLinear` and :class:`QuantConv2d`.
+
+    Mixed in before the torch layer class; ``_init_blip`` must run after the torch
+    layer's ``__init__`` (which creates ``weight``/``bias``).
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    max_bit: int
+    F_prior: float
+    forward_mode: str
+    fan_in: int
+    weight_bound: float
+
+    def _init_blip(self, max_bit: int, F_prior: float, forward_mode: str) -> None:
+        _check_config(max_bit, F_prior, forward_mode)
+        self.max_bit = max_bit
+        self.F_prior = float(F_prior)
+        self.forward_mode = forward_mode
+        self.fan_in = self.weight[0].numel()
+        self.weight_bound = weight_bound(self.fan_in)
+        prior = self.F_prior * self.fan_in
+        for name in self.blip_param_names():
+            p = getattr(self, name)
+            f32 = {"device": p.device, "dtype": torch.float32}
+            self.register_buffer(f"prev_{name}", torch.zeros(p.shape, **f32))
+            self.register_buffer(
+                f"bits_{name}", torch.zeros(p.shape, device=p.device, dtype=torch.uint8)
+            )
+            self.register_buffer(f"fisher_old_{name}", torch.full(p.shape, prior, **f32))
+            # transient: allocated by alloc_fisher_, freed by update_bits_/free_fisher_
+            self.register_buffer(f"fisher_{name}", None, persistent=False)
+
+    # -- introspection ------------------------------------------------------------------
+
+    def blip_param_names(self) -> tuple[str, ...]:
+        return ("weight",) if self.bias is None else ("weight", "bias")
+
+    def bound_of(self, name: str) -> float:
+        return self.weight_bound if name == "weight" else BIAS_BOUND
+
+    def constraints(self) -> Iterator[tuple[str, Constraint]]:
+        """(param name, :class:`Constraint`) for each constrained parameter, current buffers."""
+        for name in self.blip_param_names():
+            yield name, Constraint(
+                getattr(self, name),
+                getattr(self, f"prev_{name}"),
+                getattr(self, f"bits_{name}"),
+                self.bound_of(name),
+                self.max_bit,
+            )
+
+    # -- forward ------------------------------------------------------------------------
+
+    def _effective(self, name: str) -> Tensor | None:
+        p = getattr(self, name)
+        if p is None or self.forward_mode == "continuous":
+            return p
+        # "quantized": the forward sees the parameter on the max_bit grid, i.e. as the
+        # max_bit fixed-point number the paper's algorithm stores. Using the frozen
+        # `bits` instead would zero every still-free (bits == 0) element. The frozen
+        # part (prev, on the coarser bits grid) is exactly representable there.
+        full = torch.full(p.shape, self.max_bit, dtype=torch.uint8, device=p.device)
+        return blip_kernels.quantize_ste(p, full, self.bound_of(name))
+
+    # -- BLIP operations ----------------------------------------------------------------
+
+    def project_(self) -> Tensor:
+        """Section 4 on every constrained parameter; returns the count of reset NaN/Inf."""
+        total = None
+        for _, c in self.constraints():
+            n = blip_kernels.project_(c.param, c.prev, c.bits, c.bound, c.max_bit)
+            total = n if total is None else total + n
+        assert total is not None
+        return total
+
+    def sync_(self) -> None:
+        """Section 5: quantize each parameter to its bits and make it the new ``prev``."""
+        for _, c in self.constraints():
+            blip_kernels.sync_(c.param, c.prev, c.bits, c.bound)
+
+    def alloc_fisher_(self) -> None:
+        """Create zeroed fp32 Fisher accumulators (transient, 4 bytes per parameter)."""
+        for name in self.blip_param_names():
+            if getattr(self, f"fisher_{name}") is None:
+                ref = getattr(self, f"prev_{name}")
+                setattr(self, f"fisher_{name}", torch.zeros_like(ref))
+
+    def free_fisher_(self) -> None:
+        for name in self.blip_param_names():
+            setattr(self, f"fisher_{name}", None)
+
+    def update_bits_(self, task: int) -> None:
+        """Sections 2 and 3 with this task's Fisher (``task`` counts ended tasks from 0).
+
+        Frees the Fisher accumulators afterwards.
+        """
+        if not isinstance(task, int) or task < 0:
+            raise ValueError(f"task must be an int >= 0; got {task!r}")
+        for name in self.blip_param_names():
+            fisher = getattr(self, f"fisher_{name}")
+            if fisher is None:
+                raise RuntimeError(
+                    f"update_bits_: no Fisher estimate for {name!r}; run "
+                    "blip.fisher.estimate_fisher_ (or alloc_fisher_ and fill it) first"
+                )
+            blip_kernels.update_bits_(
+                getattr(self, f"bits_{name}"), fisher, getattr(self, f"fisher_old_{name}"),
+                task, self.max_bit,
+            )
+        self.free_fisher_()
+
+    def capacity(self) -> tuple[int, int]:
+        """(sum of frozen bits, number of constrained parameters)."""
+        total, count = 0, 0
+        for name in self.blip_param_names():
+            bits = getattr(self, f"bits_{name}")
+            total += int(bits.sum(dtype=torch.int64))
+            count += bits.numel()
+        return total, count
+
+    # -- module plumbing ----------------------------------------------------------------
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):  # noqa: ANN202
+        # prev / fisher buffers must stay fp32 whatever dtype the parameters are cast
+        # to (model.half(), .to(bfloat16)); they only follow the weight's device.
+        keep = {}
+        for name in self.blip_param_names():
+            for kind in ("prev", "fisher_old", "fisher"):
+                key = f"{kind}_{name}"
+                if self._buffers.get(key) is not None:
+                    keep[key] = self._buffers[key]
+                    self._buffers[key] = None
+        try:
+            out = super()._apply(fn, recurse)  # type: ignore[misc]
+        finally:
+            device = self.weight.device
+            for key, buf in keep.items():
+                self._buffers[key] = buf.to(device=device, dtype=torch.float32)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        # Bits are trusted by the per-step kernels (value checks off), so check them once
+        # here, where foreign data enters.
+        for name in self.blip_param_names():
+            bits = getattr(self, f"bits_{name}")
+            if bits.numel() and int(bits.max()) > self.max_bit:
+                raise ValueError(
+                    f"{prefix}bits_{name} holds {int(bits.max())} > max_bit={self.max_bit}"
+                )
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        return (f"{base}, max_bit={self.max_bit}, F_prior={self.F_prior:g}, "
+                f"forward_mode={self.forward_mode!r}")
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` with BLIP state; initialised as the authors (see :func:`blip_init_`)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        max_bit: int = DEFAULT_MAX_BIT,
+        F_prior: float = DEFAULT_F_PRIOR,
+        forward_mode: str = "continuous",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_blip(max_bit, F_prior, forward_mode)
+
+    def reset_parameters(self) -> None:
+        blip_init_(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self._effective("weight"), self._effective("bias"))
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` with BLIP state; initialised as the authors (see :func:`blip_init_`)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        max_bit: int = DEFAULT_MAX_BIT,
+        F_prior: float = DEFAULT_F_PRIOR,
+        forward_mode: str = "continuous",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            bias, padding_mode, device=device, dtype=dtype,
+        )
+        self._init_blip(max_bit, F_prior, forward_mode)
+
+    def reset_parameters(self) -> None:
+        blip_init_(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self._effective("weight"), self._effective("bias"))
+
+
+QUANT_TYPES = (QuantLinear, QuantConv2d)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, QUANT_TYPES)
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear | QuantConv2d]]:
+    """(qualified name, layer) for every quantized layer of ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_TYPES):
+            yield name, m
+
+
+def _excluded(name: str, exclude: Iterable[str]) -> bool:
+    return any(name == e or name.startswith(e + ".") for e in exclude)
+
+
+def _swap(old: nn.Module, layer_kwargs: dict) -> nn.Module | None:
+    # Exact types only: subclasses may not route their weights through forward()
+    # (MultiheadAttention's out_proj is one), so BLIP could neither see their
+    # activations for the Fisher nor quantize their forward.
+    if type(old) not in (nn.Linear, nn.Conv2d):
+        return None
+    factory = {"device": old.weight.device, "dtype": old.weight.dtype}
+    if type(old) is nn.Linear:
+        new: nn.Module = QuantLinear(
+            old.in_features, old.out_features, old.bias is not None, **layer_kwargs, **factory
+        )
+    elif type(old) is nn.Conv2d:
+        new = QuantConv2d(
+            old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+            old.dilation, old.groups, old.bias is not None, old.padding_mode,
+            **layer_kwargs, **factory,
+        )
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+            new.bias.requires_grad_(old.bias.requires_grad)
+    new.train(old.training)
+    return new
+
+
+def convert(
+    model: nn.Module, exclude: Iterable[str] | str = (), **layer_kwargs: object
+) -> nn.Module:
+    """Swap every ``nn.Linear``/``nn.Conv2d`` of ``model`` (in place, recursively) for
+    :class:`QuantLinear`/:class:`QuantConv2d`, copying weights and bias.
+
+    ``exclude``: qualified module names to leave alone, an entry also covering
+    everything under it (``"heads"`` excludes ``heads.0``, ``heads.1``...).
+    ``layer_kwargs`` (``max_bit``, ``F_prior``, ``forward_mode``) go to the new layers.
+    Already-quantized layers and subclasses of Linear/Conv2d are left as they are.
+    Weights are copied, not re-initialised: weights outside the BLIP bound are clamped
+    by the first projection. Convert before creating the optimizer. Returns ``model``
+    (a bare Linear/Conv2d passed as ``model`` is returned converted).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    exclude = tuple(exclude)
+    unknown = set(layer_kwargs) - {"max_bit", "F_prior", "forward_mode"}
+    if unknown:
+        raise TypeError(f"convert got unexpected layer_kwargs {sorted(unknown)}")
+    swapped: dict[int, nn.Module] = {}  # a module shared in two places stays shared
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        # _modules, not named_children(): the latter hides a module's second occurrence
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if _excluded(name, exclude) or is_quantized(child):
+                continue
+            if id(child) in swapped:
+                setattr(module, child_name, swapped[id(child)])
+                continue
+            new = _swap(child, layer_kwargs)
+            if new is not None:
+                swapped[id(child)] = new
+                setattr(module, child_name, new)
+            else:
+                visit(child, name)
+
+    if not is_quantized(model) and not _excluded("", exclude):
+        root = _swap(model, layer_kwargs)
+        if root is not None:
+            return root
+    visit(model, "")
+    return model
+
+
+__all__ = [
+    "BIAS_BOUND",
+    "Constraint",
+    "FORWARD_MODES",
+    "QuantConv2d",
+    "QuantLinear",
+    "blip_init_",
+    "convert",
+    "is_quantized",
+    "quantized_layers",
+    "weight_bound",
+]
