@@ -1,0 +1,106 @@
+"""Command line: `blip train ...` and `blip report RUN_DIR ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .data import BENCHMARKS
+
+    p = argparse.ArgumentParser(prog="blip", description="Continual learning with BLIP.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="learn a task stream; writes a run directory",
+                       description="Learn a sequence of classification tasks. Unset options "
+                       "take the benchmark's preset (the published hyperparameters).")
+    t.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
+    t.add_argument("--method", default="blip", help="blip | finetune | freeze (default blip)")
+    t.add_argument("--model", choices=["mlp", "alexnet", "resnet18"], default=None)
+    t.add_argument("--epochs", type=int, help="epoch budget per task")
+    t.add_argument("--lr", type=float, help="initial learning rate")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--hidden", type=int, help="MLP hidden width")
+    t.add_argument("--n-hidden-layers", type=int)
+    t.add_argument("--width", type=float, help="conv-net width multiplier")
+    t.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float)
+    t.add_argument("--max-bit", type=int)
+    t.add_argument("--lr-patience", type=int, help="epochs without improvement before lr/factor")
+    t.add_argument("--lr-factor", type=float)
+    t.add_argument("--lr-min", type=float, help="stop a task once lr falls below this")
+    t.add_argument("--momentum", type=float)
+    t.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
+    t.add_argument("--forward-mode", choices=["continuous", "quantized"],
+                   help="BLIP forward: continuous weights (authors' code) or quantize-STE")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    t.add_argument("--threads", type=int, help="CPU threads for torch (preset default)")
+    t.add_argument("--out", help="run directory (default runs/<benchmark>-<method>-seed<k>)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--data-dir", help="root of the full benchmarks' files (default ./data "
+                   "or $BLIP_DATA_DIR)")
+    t.add_argument("--download", action="store_true",
+                   help="fetch missing full-benchmark files with torchvision")
+    t.add_argument("--no-plots", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
+
+    r = sub.add_parser("report", help="summarise run directories (several: a comparison table)")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--json", action="store_true", help="print the results as JSON instead")
+
+    sub.add_parser("presets", help="print the per-benchmark presets")
+    return p
+
+
+def _train(a: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, default_run_dir, train
+
+    method_kwargs = {}
+    if a.forward_mode is not None:
+        method_kwargs["forward_mode"] = a.forward_mode
+    cfg = TrainConfig.from_preset(
+        a.benchmark, a.model, method=a.method, epochs=a.epochs, lr=a.lr,
+        batch_size=a.batch_size, hidden=a.hidden, n_hidden_layers=a.n_hidden_layers,
+        width=a.width, F_prior=a.F_prior, max_bit=a.max_bit, lr_patience=a.lr_patience,
+        lr_factor=a.lr_factor, lr_min=a.lr_min, momentum=a.momentum, n_tasks=a.n_tasks,
+        seed=a.seed, device=a.device, threads=a.threads, data_dir=a.data_dir, download=a.download,
+        method_kwargs=method_kwargs,
+    )
+    train(cfg, a.out or default_run_dir(cfg), resume=a.resume, quiet=a.quiet,
+          plots=not a.no_plots)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DataFormatError
+
+    a = _parser().parse_args(argv)
+    try:
+        if a.command == "train":
+            return _train(a)
+        if a.command == "report":
+            from .report import load_results, report
+
+            if a.json:
+                print(json.dumps({d: load_results(d) for d in a.runs}, indent=1))
+            else:
+                print(report(a.runs))
+            return 0
+        if a.command == "presets":
+            from .presets import PRESETS
+
+            for name, p in PRESETS.items():
+                print(f"{name}: {p.to_dict()}")
+            return 0
+    except (ValueError, FileNotFoundError, TypeError, DataFormatError) as e:
+        # user errors (bad option values, missing files): one clear line, no traceback
+        print(f"blip {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

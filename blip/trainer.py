@@ -1,0 +1,464 @@
+"""The classification trainer: learn a task stream with a method, write a run directory.
+
+Schedule (the authors' default): plain SGD; after `lr_patience` epochs without a
+new best validation loss the lr is divided by `lr_factor`; training of a task stops
+when the lr falls below `lr_min` or the epoch budget ends; the best-validation model
+is restored at the end of each task.
+
+Determinism: the model is initialised under `torch.manual_seed(seed)`; each task
+re-seeds the global RNGs from (seed, task) and each epoch's shuffling uses its own
+generator seeded from (seed, task, epoch). Nothing therefore depends on what the
+process did before, so a run resumed from a checkpoint ends with the same accuracy
+matrix as an uninterrupted one.
+
+The trainer knows nothing of any method's internals: it calls the Method hooks
+(`prepare`, `make_optimizer`, `before_task`, `after_step`, `after_task`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import metrics
+from .data import TaskData, TaskStream, load_benchmark
+from .presets import get_preset
+
+RESULTS = "results.json"
+CHECKPOINT = "checkpoint.pt"
+# Fisher estimation uses at most 80 x 100 samples; a large task's train set is
+# subsampled (seeded) before it is turned into float inputs, to bound memory.
+FISHER_MAX_SAMPLES = 20_000
+
+
+@dataclass
+class TrainConfig:
+    benchmark: str = "pdigits"
+    method: str = "blip"
+    model: str = "mlp"
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 64
+    hidden: int = 100
+    n_hidden_layers: int = 1
+    width: float = 1.0
+    F_prior: float = 1e-15
+    max_bit: int = 20
+    lr_patience: int = 5
+    lr_factor: float = 3.0
+    lr_min: float = 1e-4
+    momentum: float = 0.0
+    seed: int = 0
+    n_tasks: int | None = None
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    data_dir: str | None = None
+    download: bool = False
+    method_kwargs: dict = field(default_factory=dict)
+
+    # Keys that change the numbers a run produces: a resume must match them.
+    RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
+                   "n_hidden_layers", "width", "F_prior", "max_bit", "lr_patience",
+                   "lr_factor", "lr_min", "momentum", "seed", "n_tasks", "method_kwargs")
+
+    @classmethod
+    def from_preset(cls, benchmark: str, model: str | None = None, **overrides: Any) -> TrainConfig:
+        """The benchmark's published preset, with every non-None override applied."""
+        p = get_preset(benchmark, model)
+        names = {f.name for f in fields(cls)}
+        base = {k: v for k, v in p.to_dict().items() if k in names}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(benchmark=benchmark, **base)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
+            (self.lr > 0, f"lr must be > 0; got {self.lr}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}"),
+            (self.lr_factor > 1, f"lr_factor must be > 1; got {self.lr_factor}"),
+            (self.lr_patience >= 1, f"lr_patience must be >= 1; got {self.lr_patience}"),
+            (self.threads is None or self.threads >= 1,
+             f"threads must be >= 1; got {self.threads}"),
+            (self.n_tasks is None or self.n_tasks >= 1,
+             f"n_tasks must be >= 1; got {self.n_tasks}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available here")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes (no hash randomisation)."""
+    h = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2)
+    return int((int(h[0]) << 31) ^ int(h[1])) & ((1 << 63) - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
+    from . import models
+
+    cpt = stream.classes_per_task
+    if cfg.model == "mlp":
+        return models.MLP(stream.in_features, hidden=cfg.hidden, classes_per_task=cpt,
+                          n_hidden_layers=cfg.n_hidden_layers)
+    if len(stream.input_shape) != 3:
+        raise ValueError(f"model {cfg.model!r} needs image inputs (C, H, W); benchmark "
+                         f"{cfg.benchmark!r} gives {stream.input_shape}")
+    if cfg.model == "alexnet":
+        return models.AlexNet(stream.input_shape, cpt, width=cfg.width)
+    if cfg.model == "resnet18":
+        return models.ResNet18(stream.input_shape, cpt, width=cfg.width)
+    raise ValueError(f"unknown model {cfg.model!r}; choose mlp, alexnet or resnet18")
+
+
+def method_hparams(cfg: TrainConfig) -> dict:
+    hp = dict(cfg.method_kwargs)
+    hp.setdefault("momentum", cfg.momentum)
+    if cfg.method == "blip":
+        hp.setdefault("F_prior", cfg.F_prior)
+        hp.setdefault("max_bit", cfg.max_bit)
+        hp.setdefault("seed", cfg.seed)  # seeds the Fisher target sampling
+    return hp
+
+
+class _Progress:
+    """tqdm when attached to a terminal and not quiet; otherwise nothing."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: str | Path, quiet: bool = False,
+                 plots: bool = True, stream: TaskStream | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(out)
+        self.quiet = quiet
+        self.plots = plots
+        self.progress = not quiet and sys.stderr.isatty()
+        self.device = torch.device(cfg.device)
+        self._stream = stream
+        if cfg.threads is not None:
+            # Small models gain nothing from intra-op threads and lose a lot when the
+            # cores are shared (spinning workers): the embedded presets use 1.
+            torch.set_num_threads(cfg.threads)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    # -- setup --------------------------------------------------------------------------
+
+    def _load_stream(self) -> TaskStream:
+        s = self._stream or load_benchmark(self.cfg.benchmark, self.cfg.data_dir,
+                                           self.cfg.download, self.cfg.seed)
+        if self.cfg.n_tasks is not None and self.cfg.n_tasks < len(s):
+            s = s.truncated(self.cfg.n_tasks)
+        return s
+
+    def _setup(self, stream: TaskStream):
+        from .methods import make_method
+
+        seed_everything(self.cfg.seed)
+        model = build_model(self.cfg, stream)
+        method = make_method(self.cfg.method, model, **method_hparams(self.cfg))
+        net = method.prepare().to(self.device)
+        return net, method
+
+    # -- one task -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, net: nn.Module, task: TaskData, t: int, split: str = "test",
+                 batch: int = 1024) -> tuple[float, float]:
+        x_all, y_all = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        net.eval()
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(y_all), batch):
+            x = task.inputs(x_all[i:i + batch].to(self.device, non_blocking=True))
+            y = y_all[i:i + batch].to(self.device, non_blocking=True)
+            out = net(x, t)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        n = max(len(y_all), 1)
+        return loss_sum / n, correct / n
+
+    def train_task(self, net: nn.Module, method: Any, task: TaskData, t: int) -> dict:
+        cfg = self.cfg
+        method.before_task(t)
+        opt = method.make_optimizer(t, cfg.lr)
+        x_train = task.x_train.to(self.device)
+        y_train = task.y_train.to(self.device)
+        n = len(y_train)
+        lr, patience = cfg.lr, cfg.lr_patience
+        best_loss, best_state, best_epoch = math.inf, copy.deepcopy(net.state_dict()), -1
+        steps, step_time, epochs_run = 0, 0.0, 0
+        bar = _Progress(cfg.epochs, f"task {t}", self.progress)
+        for epoch in range(cfg.epochs):
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, t, epoch))
+            perm = torch.randperm(n, generator=g).to(self.device)
+            net.train()
+            t0 = time.perf_counter()
+            for i in range(0, n, cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                x, y = task.inputs(x_train[idx]), y_train[idx]
+                loss = F.cross_entropy(net(x, t), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                method.after_step(t)
+                steps += 1
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            step_time += time.perf_counter() - t0
+            epochs_run += 1
+            val_loss, val_acc = self.evaluate(net, task, t, "valid")
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = copy.deepcopy(net.state_dict())
+                patience = cfg.lr_patience
+            else:
+                patience -= 1
+                if patience <= 0:
+                    lr /= cfg.lr_factor
+                    if lr < cfg.lr_min:
+                        bar.update(loss=f"{val_loss:.3f}", acc=f"{100 * val_acc:.1f}", lr=lr)
+                        break
+                    patience = cfg.lr_patience
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+            bar.update(loss=f"{val_loss:.3f}", acc=f"{100 * val_acc:.1f}", lr=f"{lr:.2g}")
+        bar.close()
+        net.load_state_dict(best_state)
+        return {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_valid_loss": best_loss,
+                "final_lr": lr, "steps": steps, "train_step_seconds": step_time,
+                "seconds_per_step": step_time / max(steps, 1)}
+
+    def _fisher_data(self, task: TaskData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = task.x_train, task.y_train
+        if len(y) > FISHER_MAX_SAMPLES:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, t, 1 << 20))
+            idx = torch.randperm(len(y), generator=g)[:FISHER_MAX_SAMPLES]
+            x, y = x[idx], y[idx]
+        return task.inputs(x.to(self.device)), y.to(self.device)
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _bits_stats(self, net: nn.Module) -> tuple[dict[str, list[int]], dict[str, float]]:
+        """Histogram of frozen bits per quantized layer, and used capacity."""
+        from .nn import quantized_layers
+
+        hist: dict[str, list[int]] = {}
+        sums: dict[str, tuple[int, int]] = {}
+        max_bit = self.cfg.max_bit
+        for name, layer in quantized_layers(net):
+            max_bit = layer.max_bit
+            h = torch.zeros(layer.max_bit + 1, dtype=torch.long)
+            s, c = 0, 0
+            for pname in layer.blip_param_names():
+                b = getattr(layer, f"bits_{pname}").flatten().long().cpu()
+                h += torch.bincount(b, minlength=layer.max_bit + 1)
+                s, c = s + int(b.sum()), c + b.numel()
+            hist[name] = h.tolist()
+            sums[name] = (s, c)
+        return hist, (metrics.used_capacity(sums, max_bit) if sums else {})
+
+    def _write_outputs(self, state: dict, stream: TaskStream, done: bool) -> dict:
+        matrix = state["acc"]
+        T = len(stream)
+        last = state["task"]
+        summ = metrics.summary(matrix, last) if last >= 0 else {}
+        records = state["records"]
+        results = {
+            "benchmark": self.cfg.benchmark,
+            "method": self.cfg.method,
+            "task_names": [t.name for t in stream],
+            "n_tasks": T,
+            "tasks_done": last + 1,
+            "complete": done,
+            "acc_matrix": metrics.matrix_to_list(matrix),
+            "acc": summ.get("acc"),
+            "bwt": summ.get("bwt"),
+            "bwt_authors": summ.get("bwt_authors"),
+            "bwt_note": "bwt divides by T-1 (usual); bwt_authors divides by T (authors' scripts)",
+            "forgetting": summ.get("forgetting"),
+            "capacity": [r.get("capacity", {}) for r in records],
+            "task_seconds": [r["seconds"] for r in records],
+            "end_task_seconds": [r["end_task_seconds"] for r in records],
+            "total_seconds": sum(r["seconds"] for r in records),
+            "tasks": records,
+            "bits_hist": state["bits_hist"],
+            "config": self.cfg.to_dict(),
+            "torch": torch.__version__,
+            "device": str(self.device),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(self.out / RESULTS, json.dumps(results, indent=1))
+        ckpt.write_text_atomic(self.out / "acc_matrix.json",
+                               json.dumps(metrics.matrix_to_list(matrix)))
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["after_task"] + [f"task{j}" for j in range(T)])
+        for i, row in enumerate(matrix):
+            w.writerow([i] + ["" if np.isnan(v) else f"{v:.6f}" for v in row])
+        ckpt.write_text_atomic(self.out / "acc_matrix.csv", buf.getvalue())
+        return results
+
+    def _make_plots(self, results: dict, matrix: np.ndarray) -> None:
+        from . import plots
+
+        title = f"{self.cfg.benchmark} / {self.cfg.method}: ACC {100 * results['acc']:.1f}, " \
+                f"BWT {100 * results['bwt']:+.2f}"
+        plots.acc_heatmap(matrix, self.out / "acc_matrix.png", title)
+        if results["bits_hist"] and results["bits_hist"][0]:
+            plots.bits_histograms(results["bits_hist"], self.cfg.max_bit,
+                                  self.out / "bits_hist.png")
+            plots.capacity_curve(results["capacity"], self.out / "capacity.png")
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        stream = self._load_stream()
+        T = len(stream)
+        net, method = self._setup(stream)
+        state: dict[str, Any] = {"task": -1, "acc": metrics.new_matrix(T), "records": [],
+                                 "bits_hist": []}
+        path = self.out / CHECKPOINT
+        if resume and path.is_file():
+            c = ckpt.load(path, map_location=self.device)
+            self._check_compatible(c["config"])
+            net.load_state_dict(c["model"])
+            method.load_state_dict(c["method"])
+            ckpt.set_rng_state(c["rng"])
+            state = {"task": c["task"], "acc": metrics.matrix_from_list(c["acc"]),
+                     "records": c["records"], "bits_hist": c["bits_hist"]}
+            self.log(f"resuming {self.out} after task {c['task']} of {T}")
+        elif resume:
+            self.log(f"no checkpoint in {self.out}; starting from scratch")
+        elif path.is_file():
+            self.log(f"overwriting the run in {self.out} (use --resume to continue it)")
+        n_params = sum(p.numel() for p in net.parameters())
+        self.log(f"{cfg.benchmark}: {T} tasks, input {stream.input_shape}; {cfg.method} on "
+                 f"{cfg.model} ({n_params} parameters), device {self.device}, seed {cfg.seed}")
+
+        for t in range(state["task"] + 1, T):
+            task = stream[t]
+            seed_everything(derive_seed(cfg.seed, t))
+            t0 = time.perf_counter()
+            info = self.train_task(net, method, task, t)
+            t1 = time.perf_counter()
+            fx, fy = self._fisher_data(task, t)
+            stats = method.after_task(t, fx, fy) or {}
+            del fx, fy
+            t2 = time.perf_counter()
+            for u in range(t + 1):
+                state["acc"][t, u] = self.evaluate(net, stream[u], u)[1]
+            t3 = time.perf_counter()
+            hist, cap = self._bits_stats(net)
+            stats = {k: v for k, v in stats.items() if k not in ("bits_histogram", "capacity")}
+            record = {
+                "task": t, "name": task.name, **info,
+                "train_seconds": t1 - t0, "end_task_seconds": t2 - t1,
+                "eval_seconds": t3 - t2, "seconds": t3 - t0,
+                "capacity": {k: float(v) for k, v in (cap or {}).items()},
+                "method_stats": _jsonable(stats),
+            }
+            state["records"].append(record)
+            state["bits_hist"].append(hist)
+            state["task"] = t
+            row = " ".join(f"{100 * v:5.1f}" for v in state["acc"][t, : t + 1])
+            capmsg = f", capacity {100 * cap['overall']:.1f}%" if cap and "overall" in cap else ""
+            self.log(f"task {t} ({task.name}): {info['epochs_run']} epochs, "
+                     f"{record['seconds']:.1f}s{capmsg} | acc {row}")
+            self._write_outputs(state, stream, done=t == T - 1)
+            ckpt.save_atomic({
+                "version": 1, "task": t, "config": cfg.to_dict(), "model": net.state_dict(),
+                "method": method.state_dict(), "rng": ckpt.rng_state(),
+                "acc": metrics.matrix_to_list(state["acc"]), "records": state["records"],
+                "bits_hist": state["bits_hist"],
+            }, path)
+
+        results = self._write_outputs(state, stream, done=True)
+        if self.plots:
+            try:
+                self._make_plots(results, state["acc"])
+            except ImportError as e:
+                self.log(f"plots skipped: {e}")
+        self.log(f"ACC {100 * results['acc']:.2f}  BWT {100 * results['bwt']:+.2f} "
+                 f"(authors' /T: {100 * results['bwt_authors']:+.2f})  "
+                 f"time {results['total_seconds']:.1f}s  -> {self.out}")
+        return results
+
+    def _check_compatible(self, saved: dict) -> None:
+        now = self.cfg.to_dict()
+        diff = [k for k in TrainConfig.RESULT_KEYS if saved.get(k) != now.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+                               for k in diff)
+            raise ValueError(f"cannot resume {self.out / CHECKPOINT}: settings differ ({detail})")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.benchmark}-{cfg.method}-seed{cfg.seed}"
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
+          quiet: bool = False, plots: bool = True) -> dict:
+    """Run (or resume) a whole task stream; returns the results dict."""
+    return Trainer(cfg, out or default_run_dir(cfg), quiet=quiet, plots=plots).run(resume)
