@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.optim.sgd import sgd  # torch's functional SGD: the same math as SGD.step
 
 import blip_kernels
 
@@ -68,15 +69,24 @@ class ConstrainedSGD(torch.optim.Optimizer):
                     "weight_decay": weight_decay, "nesterov": nesterov}
         super().__init__(params, defaults)
         self._constraints = _constraint_map(model)
-        self._skipped: dict[torch.device, Tensor] = {}
+        self._skipped: list[Tensor] = []
 
     def _add_skipped(self, count: Tensor) -> None:
-        acc = self._skipped.get(count.device)
-        self._skipped[count.device] = count if acc is None else acc + count
+        # Kept as a list and folded now and then: an add per step would cost a kernel launch.
+        self._skipped.append(count)
+        if len(self._skipped) >= 256:
+            self._fold_skipped()
+
+    def _fold_skipped(self) -> None:
+        by_device: dict[torch.device, Tensor] = {}
+        for c in self._skipped:
+            by_device[c.device] = by_device[c.device] + c if c.device in by_device else c
+        self._skipped = list(by_device.values())
 
     def skipped_nonfinite(self) -> int:
         """Elements skipped for a NaN/Inf gradient since construction (one sync)."""
-        return sum(int(t) for t in self._skipped.values())
+        self._fold_skipped()
+        return sum(int(t) for t in self._skipped)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
@@ -84,28 +94,26 @@ class ConstrainedSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # bits only change in update_bits_ (which caps them) and are checked on
-        # load_state_dict, so the per-step data-dependent check (a sync) is skipped.
-        with blip_kernels.value_checks(False):
-            for group in self.param_groups:
-                self._step_group(group)
+        for group in self.param_groups:
+            self._step_group(group)
         return loss
 
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])
         momentum, dampening = float(group["momentum"]), float(group["dampening"])
         wd, nesterov = float(group["weight_decay"]), bool(group["nesterov"])
+        plain: list[Tensor] = []
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError("ConstrainedSGD does not support sparse gradients")
-            state = self.state[p]
             target = self._constraints.get(p)
             if target is None:
-                self._plain_sgd(p, grad, state, lr, momentum, dampening, wd, nesterov)
+                plain.append(p)
                 continue
+            state = self.state[p]
             layer, name = target
             buf, damp = None, dampening
             if momentum != 0:
@@ -119,25 +127,39 @@ class ConstrainedSGD(torch.optim.Optimizer):
                 elif buf.dtype != torch.float32:  # Optimizer.load_state_dict casts to p.dtype
                     buf = buf.float()
                     state["momentum_buffer"] = buf
-            count = blip_kernels.constrained_sgd_step_(
-                p, grad, getattr(layer, f"prev_{name}"), getattr(layer, f"bits_{name}"),
-                layer.bound_of(name), layer.max_bit, lr, buf, momentum, damp, nesterov, wd,
-            )
-            self._add_skipped(count)
-
-    @staticmethod
-    def _plain_sgd(p: Tensor, grad: Tensor, state: dict, lr: float, momentum: float,
-                   dampening: float, wd: float, nesterov: bool) -> None:
-        d_p = grad if wd == 0 else grad.add(p, alpha=wd)
-        if momentum != 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = torch.clone(d_p).detach()
-                state["momentum_buffer"] = buf
+            # The first step of a parameter checks everything (bits <= max_bit included);
+            # later ones skip the checks: bits only change in update_bits_, which caps
+            # them, and load_state_dict re-checks them.
+            buffers = layer._buffers  # a dict read: Module.__getattr__ is slow per step
+            prev, bits = buffers[f"prev_{name}"], buffers[f"bits_{name}"]
+            if state.get("checked"):
+                count = blip_kernels.constrained_sgd_step_(
+                    p, grad, prev, bits, layer.bound_of(name), layer.max_bit, lr, buf,
+                    momentum, damp, nesterov, wd, validate=False,
+                )
             else:
-                buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-            d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(d_p, alpha=-lr)
+                with blip_kernels.value_checks(True):
+                    count = blip_kernels.constrained_sgd_step_(
+                        p, grad, prev, bits, layer.bound_of(name), layer.max_bit, lr, buf,
+                        momentum, damp, nesterov, wd,
+                    )
+                state["checked"] = True
+            self._add_skipped(count)
+        if plain:
+            self._plain_sgd(plain, lr, momentum, dampening, wd, nesterov)
+
+    def _plain_sgd(self, params: list[Tensor], lr: float, momentum: float, dampening: float,
+                   wd: float, nesterov: bool) -> None:
+        """torch's own SGD math (multi-tensor) for the unconstrained parameters."""
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        sgd(
+            params, [p.grad for p in params], bufs, weight_decay=wd, momentum=momentum, lr=lr,
+            dampening=dampening, nesterov=nesterov, maximize=False,
+            foreach=params[0].device.type != "cpu" or len(params) > 1,
+        )
+        if momentum != 0:
+            for p, buf in zip(params, bufs, strict=True):
+                self.state[p]["momentum_buffer"] = buf
 
 
 def project_model_(model: nn.Module) -> Tensor | None:

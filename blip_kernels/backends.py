@@ -67,8 +67,8 @@ def _requested() -> str | None:
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    env = os.environ.get("BLIP_KERNELS_BACKEND", "").strip()
-    return canonical_name(env) if env else None
+    env = os.environ.get("BLIP_KERNELS_BACKEND")
+    return canonical_name(env) if env and env.strip() else None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,106 @@
+"""The ``cpp`` backend: the native extension ``blip_kernels._C``.
+
+CPU tensors run the OpenMP kernels of ``csrc/cpu``; CUDA tensors the kernels of
+``csrc/cuda`` when the extension was built against a CUDA torch. The functions
+follow the backend contract of :mod:`blip_kernels.reference` (contiguous,
+validated inputs; in-place on their first arguments) and forward to ``_C`` as is.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+NAME = "cpp"
+
+_C: ModuleType | None
+_import_error: str | None
+try:
+    from . import _C  # type: ignore[attr-defined, no-redef]
+
+    _import_error = None
+except ImportError as exc:  # not built (BLIP_NO_EXT=1) or the build failed
+    _C = None
+    _import_error = str(exc)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if _C is None:
+        return (
+            "the native extension blip_kernels._C was not built "
+            f"(BLIP_NO_EXT=1 or build failed: {_import_error})"
+        )
+    if device.type == "cuda":
+        if not _C.has_cuda():
+            return "blip_kernels._C was built without CUDA"
+        return None
+    if device.type != "cpu":
+        return f"blip_kernels._C has no kernels for {device.type} tensors"
+    return None
+
+
+def _ext() -> ModuleType:
+    if _C is None:  # only reachable when called without going through the registry
+        raise RuntimeError(unavailable_reason(torch.device("cpu")))
+    return _C
+
+
+def quantize(w: Tensor, bits: Tensor, bound: float) -> Tensor:
+    return _ext().quantize(w, bits, bound)
+
+
+def project_(w: Tensor, prev: Tensor, bits: Tensor, bound: float, max_bit: int) -> Tensor:
+    return _ext().project_(w, prev, bits, bound, max_bit)
+
+
+def sgd_step_(
+    w: Tensor,
+    grad: Tensor,
+    prev: Tensor,
+    bits: Tensor,
+    momentum_buf: Tensor | None,
+    bound: float,
+    max_bit: int,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+) -> Tensor:
+    return _ext().sgd_step_(
+        w, grad, prev, bits, momentum_buf, bound, max_bit, lr, momentum, dampening, nesterov,
+        weight_decay,
+    )
+
+
+def update_bits_(bits: Tensor, fisher: Tensor, fisher_old: Tensor, task: int, max_bit: int) -> None:
+    _ext().update_bits_(bits, fisher, fisher_old, task, max_bit)
+
+
+def sync_(w: Tensor, prev: Tensor, bits: Tensor, bound: float) -> None:
+    _ext().sync_(w, prev, bits, bound)
+
+
+def fisher_linear_(
+    fisher_w: Tensor, fisher_b: Tensor | None, x: Tensor, grad_out: Tensor, scale: float
+) -> None:
+    _ext().fisher_linear_(fisher_w, fisher_b, x, grad_out, scale)
+
+
+def fisher_conv2d_(
+    fisher_w: Tensor,
+    fisher_b: Tensor | None,
+    x: Tensor,
+    grad_out: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    scale: float,
+) -> None:
+    _ext().fisher_conv2d_(
+        fisher_w, fisher_b, x, grad_out, list(stride), list(padding), list(dilation), groups,
+        scale,
+    )
