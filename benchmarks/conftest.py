@@ -16,7 +16,8 @@ import torch
 from _bench import DEVICE
 
 BASELINES = {"step": "unfused", "project": "unfused", "quantize": "unfused",
-             "fisher_linear": "replication", "fisher_conv2d": "replication"}
+             "fisher_linear": "replication", "fisher_conv2d": "replication",
+             "train_step": "finetune"}
 
 
 def _rows(session) -> list[dict]:  # noqa: ANN001 - pytest-benchmark's session object

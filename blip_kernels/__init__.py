@@ -13,6 +13,7 @@ from .backends import (
 )
 from .ops import (
     constrained_sgd_step_,
+    constrained_sgd_step_foreach_,
     fisher_conv2d_,
     fisher_linear_,
     project_,
@@ -29,6 +30,7 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "constrained_sgd_step_",
+    "constrained_sgd_step_foreach_",
     "current_backend",
     "fisher_conv2d_",
     "fisher_linear_",

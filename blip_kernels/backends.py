@@ -22,7 +22,14 @@ NAMES = ("reference", "cpp", "triton")
 _ALIASES = {"torch": "reference", "ref": "reference", "c++": "cpp", "native": "cpp"}
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 
-_local = threading.local()
+class _Local(threading.local):
+    # Created per thread on first use, so reading .stack never raises (getattr with a
+    # default on a missing attribute raises and catches an AttributeError per op call).
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+
+
+_local = _Local()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -64,7 +71,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def _requested() -> str | None:
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
     env = os.environ.get("BLIP_KERNELS_BACKEND")
@@ -74,9 +81,7 @@ def _requested() -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops in this block (this thread) with backend ``name``."""
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(canonical_name(name))
     try:
         yield

@@ -75,6 +75,27 @@ def sgd_step_(
     )
 
 
+def sgd_step_foreach_(
+    ws: list[Tensor],
+    grads: list[Tensor],
+    prevs: list[Tensor],
+    bits: list[Tensor],
+    momentum_bufs: list[Tensor] | None,
+    bounds: list[float],
+    max_bit: int,
+    lr: float,
+    momentum: float,
+    dampenings: list[float],
+    nesterov: bool,
+    weight_decay: float,
+) -> Tensor:
+    # One native call (GIL released) for the whole list.
+    return _ext().sgd_step_foreach_(
+        ws, grads, prevs, bits, momentum_bufs, bounds, max_bit, lr, momentum, dampenings,
+        nesterov, weight_decay,
+    )
+
+
 def update_bits_(bits: Tensor, fisher: Tensor, fisher_old: Tensor, task: int, max_bit: int) -> None:
     _ext().update_bits_(bits, fisher, fisher_old, task, max_bit)
 

@@ -22,6 +22,7 @@ parameter's device, so a training loop can report them without a sync per step.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -79,10 +80,10 @@ def _check_tensor(
         raise ValueError(f"{name} is on {t.device}; expected {device} like the other tensors")
 
 
-def _check_bound(bound: float) -> None:
+def _check_bound(bound: float, name: str = "bound") -> None:
     _check(
         isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0,
-        f"bound must be a positive finite number; got {bound!r}",
+        f"{name} must be a positive finite number; got {bound!r}",
     )
 
 
@@ -93,19 +94,30 @@ def _check_max_bit(max_bit: int) -> None:
     )
 
 
-def _check_bits(bits: Tensor, max_bit: int, shape: torch.Size, device: torch.device) -> None:
-    _check_tensor("bits", bits, (torch.uint8,), shape, device)
+def _check_bits(
+    bits: Tensor, max_bit: int, shape: torch.Size, device: torch.device, name: str = "bits"
+) -> None:
+    _check_tensor(name, bits, (torch.uint8,), shape, device)
     if _value_checks and bits.numel() and not torch.compiler.is_compiling():
         top = int(bits.max())
-        _check(top <= max_bit, f"bits must be <= max_bit={max_bit}; found a value of {top}")
+        _check(top <= max_bit, f"{name} must be <= max_bit={max_bit}; found a value of {top}")
 
 
-def _check_param_state(w: Tensor, prev: Tensor, bits: Tensor, bound: float, max_bit: int) -> None:
-    _check_tensor("w", w, PARAM_DTYPES)
-    _check_tensor("prev", prev, (torch.float32,), w.shape, w.device)
-    _check_bound(bound)
+#: Argument names in error messages: the single-tensor op's, or "ws[3]"... for the foreach op.
+_SGD_NAMES = {k: k for k in ("w", "grad", "prev", "bits", "bound", "momentum_buf", "dampening")}
+_FOREACH_NAMES = {"w": "ws", "grad": "grads", "prev": "prevs", "bits": "bits", "bound": "bounds",
+                  "momentum_buf": "momentum_bufs", "dampening": "dampenings"}
+
+
+def _check_param_state(
+    w: Tensor, prev: Tensor, bits: Tensor, bound: float, max_bit: int,
+    names: dict[str, str] = _SGD_NAMES, device: torch.device | None = None,
+) -> None:
+    _check_tensor(names["w"], w, PARAM_DTYPES, device=device)
+    _check_tensor(names["prev"], prev, (torch.float32,), w.shape, w.device)
+    _check_bound(bound, names["bound"])
     _check_max_bit(max_bit)
-    _check_bits(bits, max_bit, w.shape, w.device)
+    _check_bits(bits, max_bit, w.shape, w.device, names["bits"])
 
 
 # ---------------------------------------------------------------------------
@@ -226,6 +238,56 @@ _sgd_op = torch.library.custom_op(
 def _(w, grad, prev, bits, momentum_buf, bound, max_bit, lr, momentum, dampening, nesterov,
       weight_decay) -> Tensor:  # noqa: ANN001
     return torch.empty((), dtype=torch.int64, device=w.device)
+
+
+def _sgd_foreach_impl(
+    ws: list[Tensor],
+    grads: list[Tensor],
+    prevs: list[Tensor],
+    bits: list[Tensor],
+    momentum_bufs: list[Tensor] | None,
+    bounds: list[float],
+    max_bit: int,
+    lr: float,
+    momentum: float,
+    dampenings: list[float],
+    nesterov: bool,
+    weight_decay: float,
+) -> Tensor:
+    be = _backend(ws[0])
+    bufs = momentum_bufs if momentum_bufs is not None else []
+    if all(map(Tensor.is_contiguous, itertools.chain(ws, grads, prevs, bits, bufs))):
+        # The usual case (parameters, grads and buffers are dense): no copies at all.
+        return be.sgd_step_foreach_(ws, grads, prevs, bits, momentum_bufs, bounds, max_bit, lr,
+                                    momentum, dampenings, nesterov, weight_decay)
+    targets = [*ws, *bufs]
+    dense = [t.contiguous() for t in targets]
+    n = len(ws)
+    count = be.sgd_step_foreach_(
+        dense[:n], [g.contiguous() for g in grads], [p.contiguous() for p in prevs],
+        [b.contiguous() for b in bits], None if momentum_bufs is None else dense[n:], bounds,
+        max_bit, lr, momentum, dampenings, nesterov, weight_decay,
+    )
+    for orig, d in zip(targets, dense, strict=True):  # write back as _inplace does
+        if d is not orig:
+            orig.copy_(d)
+    return count
+
+
+# Written out: infer_schema does not take an optional list of tensors (Tensor[]?).
+_sgd_foreach_op = torch.library.custom_op(
+    "blip::constrained_sgd_step_foreach_",
+    mutates_args=("ws", "momentum_bufs"),
+    schema="(Tensor(a!)[] ws, Tensor[] grads, Tensor[] prevs, Tensor[] bits, "
+    "Tensor(b!)[]? momentum_bufs, float[] bounds, int max_bit, float lr, float momentum, "
+    "float[] dampenings, bool nesterov, float weight_decay) -> Tensor",
+)(_sgd_foreach_impl)
+
+
+@_sgd_foreach_op.register_fake
+def _(ws, grads, prevs, bits, momentum_bufs, bounds, max_bit, lr, momentum, dampenings, nesterov,
+      weight_decay) -> Tensor:  # noqa: ANN001
+    return torch.empty((), dtype=torch.int64, device=ws[0].device)
 
 
 def _update_bits_impl(
@@ -381,28 +443,106 @@ def constrained_sgd_step_(
         )
 
 
+def constrained_sgd_step_foreach_(
+    ws: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    prevs: Sequence[Tensor],
+    bits: Sequence[Tensor],
+    bounds: Sequence[float],
+    max_bit: int,
+    lr: float,
+    momentum_bufs: Sequence[Tensor] | None = None,
+    momentum: float = 0.0,
+    dampenings: float | Sequence[float] = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """:func:`constrained_sgd_step_` on every ``ws[i]`` in one call; the summed skip count.
+
+    The lists are parallel (``bounds[i]``, ``momentum_bufs[i]`` belong to ``ws[i]``);
+    all tensors are on one device. ``dampenings`` is one float or one per tensor, so
+    a caller can pass 0 for a buffer created this step (torch's first step). Each
+    backend runs the whole list without returning to Python, which is what makes a
+    step over many small layers cheap.
+    """
+    n = len(ws)
+    if isinstance(dampenings, (list, tuple)):
+        damps = [float(d) for d in dampenings]
+    else:
+        damps = [float(dampenings)] * n
+    if validate:
+        _check_sgd_foreach_args(ws, grads, prevs, bits, bounds, max_bit, lr, momentum_bufs,
+                                momentum, damps, nesterov, weight_decay)
+    if n == 0:
+        return torch.zeros((), dtype=torch.int64)
+    # The custom op takes lists; ConstrainedSGD passes lists, so these copy nothing.
+    ws, grads, prevs, bits = _list(ws), _list(grads), _list(prevs), _list(bits)
+    bufs = _list(momentum_bufs) if momentum != 0 else None
+    with _no_grad():
+        direct = _direct(*ws, *grads, *prevs, *bits, *(bufs or ()))
+        return (_sgd_foreach_impl if direct else _sgd_foreach_op)(
+            ws, grads, prevs, bits, bufs, [float(b) for b in bounds], max_bit, float(lr),
+            float(momentum), damps, bool(nesterov), float(weight_decay),
+        )
+
+
+def _list(seq: Sequence) -> list:
+    return seq if type(seq) is list else list(seq)
+
+
 def _check_sgd_args(
     w: Tensor, grad: Tensor, prev: Tensor, bits: Tensor, bound: float, max_bit: int, lr: float,
     momentum_buf: Tensor | None, momentum: float, dampening: float, nesterov: bool,
-    weight_decay: float,
+    weight_decay: float, names: dict[str, str] = _SGD_NAMES, device: torch.device | None = None,
 ) -> None:
-    _check_param_state(w, prev, bits, bound, max_bit)
-    _check_tensor("grad", grad, (w.dtype,), w.shape, w.device)
+    _check_param_state(w, prev, bits, bound, max_bit, names, device)
+    _check_tensor(names["grad"], grad, (w.dtype,), w.shape, w.device)
     _check(math.isfinite(lr) and lr >= 0, f"lr must be a finite number >= 0; got {lr!r}")
     _check(0 <= momentum < 1, f"momentum must be in [0, 1); got {momentum!r}")
-    _check(0 <= dampening <= 1, f"dampening must be in [0, 1]; got {dampening!r}")
+    _check(0 <= dampening <= 1, f"{names['dampening']} must be in [0, 1]; got {dampening!r}")
     _check(
         math.isfinite(weight_decay) and weight_decay >= 0,
         f"weight_decay must be a finite number >= 0; got {weight_decay!r}",
     )
     _check(
         not nesterov or (momentum > 0 and dampening == 0),
-        "nesterov requires momentum > 0 and dampening == 0",
+        "nesterov requires momentum > 0 and dampening == 0"
+        + ("" if names is _SGD_NAMES else f" ({names['dampening']} is {dampening!r})"),
     )
+    buf_name = names["momentum_buf"]
     if momentum != 0:
-        _check(momentum_buf is not None, "momentum_buf is required when momentum != 0")
+        _check(momentum_buf is not None, f"{buf_name} is required when momentum != 0")
     if momentum_buf is not None:
-        _check_tensor("momentum_buf", momentum_buf, (torch.float32,), w.shape, w.device)
+        _check_tensor(buf_name, momentum_buf, (torch.float32,), w.shape, w.device)
+
+
+def _check_sgd_foreach_args(
+    ws: Sequence[Tensor], grads: Sequence[Tensor], prevs: Sequence[Tensor],
+    bits: Sequence[Tensor], bounds: Sequence[float], max_bit: int, lr: float,
+    momentum_bufs: Sequence[Tensor | None] | None, momentum: float, dampenings: list[float],
+    nesterov: bool, weight_decay: float,
+) -> None:
+    lists = {"ws": ws, "grads": grads, "prevs": prevs, "bits": bits, "bounds": bounds}
+    if momentum_bufs is not None:
+        lists["momentum_bufs"] = momentum_bufs
+    for name, seq in lists.items():
+        _check(isinstance(seq, (list, tuple)),
+               f"{name} must be a list or tuple; got {type(seq).__name__}")
+        _check(len(seq) == len(ws), f"{name} has {len(seq)} entries; ws has {len(ws)}")
+    _check(len(dampenings) == len(ws),
+           f"dampenings has {len(dampenings)} entries; ws has {len(ws)}")
+    if momentum != 0:
+        _check(momentum_bufs is not None, "momentum_bufs is required when momentum != 0")
+    device = ws[0].device if ws and isinstance(ws[0], Tensor) else None
+    for i in range(len(ws)):
+        names = {k: f"{v}[{i}]" for k, v in _FOREACH_NAMES.items()}
+        _check_sgd_args(
+            ws[i], grads[i], prevs[i], bits[i], bounds[i], max_bit, lr,
+            None if momentum_bufs is None else momentum_bufs[i], momentum, dampenings[i],
+            nesterov, weight_decay, names, device,
+        )
 
 
 def update_bits_(bits: Tensor, fisher: Tensor, fisher_old: Tensor, task: int, max_bit: int) -> None:
@@ -514,6 +654,7 @@ def fisher_conv2d_(
 __all__ = [
     "PARAM_DTYPES",
     "constrained_sgd_step_",
+    "constrained_sgd_step_foreach_",
     "fisher_conv2d_",
     "fisher_linear_",
     "project_",

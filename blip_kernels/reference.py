@@ -8,8 +8,8 @@ rounded to nearest on store.
 
 Backend contract (shared by ``reference``, ``cpp`` and ``triton``): inputs are
 already validated and contiguous by :mod:`blip_kernels.ops`; in-place functions
-mutate their first arguments; ``project_`` and ``sgd_step_`` return an int64
-0-d tensor counting the elements whose update was non-finite and was skipped.
+mutate their first arguments; ``project_``, ``sgd_step_`` and ``sgd_step_foreach_``
+return an int64 0-d tensor counting the elements whose update was non-finite and was skipped.
 """
 
 from __future__ import annotations
@@ -64,11 +64,12 @@ def _quantize_f32(w: Tensor, bits: Tensor, bound: float) -> Tensor:
 def _project_f32(w: Tensor, prev: Tensor, bits: Tensor, bound: float, max_bit: int) -> Tensor:
     b = _f32(bound, w)
     r = b * _pow2(bits, -1)
+    # A non-finite weight falls back to prev, the centre of its allowed interval; it
+    # still takes the global clamp below (prev may sit at ±bound).
+    w = torch.where(torch.isfinite(w), w, prev)
     out = prev + torch.maximum(torch.minimum(w - prev, r), -r)
     lim = b * _f32(1.0 - 2.0**-max_bit, w)
-    out = torch.minimum(torch.maximum(out, -lim), lim)
-    # A non-finite weight falls back to prev, the centre of its allowed interval.
-    return torch.where(torch.isfinite(w), out, prev)
+    return torch.minimum(torch.maximum(out, -lim), lim)
 
 
 def quantize(w: Tensor, bits: Tensor, bound: float) -> Tensor:
@@ -116,6 +117,33 @@ def sgd_step_(
     stepped = torch.where(ok, wf - _f32(lr, w) * g, wf)
     w.copy_(_project_f32(stepped, prev, bits, bound, max_bit))
     return (~ok).sum()
+
+
+def sgd_step_foreach_(
+    ws: list[Tensor],
+    grads: list[Tensor],
+    prevs: list[Tensor],
+    bits: list[Tensor],
+    momentum_bufs: list[Tensor] | None,
+    bounds: list[float],
+    max_bit: int,
+    lr: float,
+    momentum: float,
+    dampenings: list[float],
+    nesterov: bool,
+    weight_decay: float,
+) -> Tensor:
+    """:func:`sgd_step_` on each ``ws[i]`` (all on one device); the summed skip count.
+
+    ``momentum_bufs`` is None or one fp32 buffer per tensor; ``bounds[i]`` and
+    ``dampenings[i]`` belong to ``ws[i]``.
+    """
+    total = torch.zeros((), dtype=torch.int64, device=ws[0].device if ws else None)
+    for i, w in enumerate(ws):
+        buf = None if momentum_bufs is None else momentum_bufs[i]
+        total = total + sgd_step_(w, grads[i], prevs[i], bits[i], buf, bounds[i], max_bit, lr,
+                                  momentum, dampenings[i], nesterov, weight_decay)
+    return total
 
 
 def update_bits_(bits: Tensor, fisher: Tensor, fisher_old: Tensor, task: int, max_bit: int) -> None:

@@ -15,6 +15,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_step_", &blip::sgd_step_, nogil(), "w"_a, "grad"_a, "prev"_a, "bits"_a, "momentum_buf"_a,
         "bound"_a, "max_bit"_a, "lr"_a, "momentum"_a, "dampening"_a, "nesterov"_a,
         "weight_decay"_a);
+  m.def("sgd_step_foreach_", &blip::sgd_step_foreach_, nogil(), "ws"_a, "grads"_a, "prevs"_a,
+        "bits"_a, "momentum_bufs"_a, "bounds"_a, "max_bit"_a, "lr"_a, "momentum"_a,
+        "dampenings"_a, "nesterov"_a, "weight_decay"_a);
   m.def("update_bits_", &blip::update_bits_, nogil(), "bits"_a, "fisher"_a, "fisher_old"_a, "task"_a,
         "max_bit"_a);
   m.def("sync_", &blip::sync_, nogil(), "w"_a, "prev"_a, "bits"_a, "bound"_a);

@@ -83,12 +83,13 @@ BLIP_HD inline float quantize_elem(float w, int bits, float bound) {
 }
 
 //: Section 4: prev + clamp(w - prev, +-bound*2^-bits), then clamp to +-lim where
-//: lim = bound*(1 - 2^-max_bit) (see project_limit). A NaN/Inf w falls back to prev.
+//: lim = bound*(1 - 2^-max_bit) (see project_limit). A NaN/Inf w is replaced by prev
+//: first, so it still goes through the global clamp (prev may sit at +-bound).
 BLIP_HD inline float project_elem(float w, float prev, int bits, float bound, float lim) {
   const float r = bound * pow2i(-bits);
-  float out = prev + nan_max(nan_min(w - prev, r), -r);
-  out = nan_min(nan_max(out, -lim), lim);
-  return is_finite(w) ? out : prev;
+  const float wf = is_finite(w) ? w : prev;
+  const float out = prev + nan_max(nan_min(wf - prev, r), -r);
+  return nan_min(nan_max(out, -lim), lim);
 }
 
 //: The clamp limit of section 4, computed as the reference does: (1 - 2^-max_bit)

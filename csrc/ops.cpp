@@ -195,6 +195,69 @@ at::Tensor sgd_step_(at::Tensor w, const at::Tensor& grad, const at::Tensor& pre
 #endif
 }
 
+at::Tensor sgd_step_foreach_(const std::vector<at::Tensor>& ws,
+                             const std::vector<at::Tensor>& grads,
+                             const std::vector<at::Tensor>& prevs,
+                             const std::vector<at::Tensor>& bits,
+                             const std::optional<std::vector<at::Tensor>>& momentum_bufs,
+                             const std::vector<double>& bounds, int64_t max_bit, double lr,
+                             double momentum, const std::vector<double>& dampenings,
+                             bool nesterov, double weight_decay) {
+  const size_t n = ws.size();
+  TORCH_CHECK(grads.size() == n && prevs.size() == n && bits.size() == n &&
+                  bounds.size() == n && dampenings.size() == n,
+              "blip_kernels._C: sgd_step_foreach_ lists must all have ", n, " entries");
+  // As in sgd_step_, buffers only take part when momentum != 0.
+  const bool use_buf = momentum_bufs.has_value() && momentum != 0.0;
+  TORCH_CHECK(!use_buf || momentum_bufs->size() == n,
+              "blip_kernels._C: momentum_bufs must have ", n, " entries");
+  if (n == 0) return count_tensor(0);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ws[i].is_contiguous(), "blip_kernels._C: ws[", i, "] must be contiguous");
+    TORCH_CHECK(!use_buf || (*momentum_bufs)[i].is_contiguous(),
+                "blip_kernels._C: momentum_bufs[", i, "] must be contiguous");
+  }
+  if (!on_cuda(ws[0])) {
+    // One native call for the whole list: on small layers the per-call Python
+    // overhead, not the kernel, is what a step costs.
+    int64_t skipped = 0;
+    for (size_t i = 0; i < n; ++i) {
+      TORCH_CHECK(ws[i].is_cpu(), "blip_kernels._C: ws[", i, "] is not on the CPU like ws[0]");
+      const float b = static_cast<float>(bounds[i]);
+      const float lim = project_limit(b, static_cast<int>(max_bit));
+      float* buf = use_buf ? (*momentum_bufs)[i].mutable_data_ptr<float>() : nullptr;
+      const SgdParams p = sgd_params(lr, momentum, dampenings[i], nesterov, weight_decay);
+      skipped += cpu::sgd_step(ws[i].mutable_data_ptr(), grads[i].const_data_ptr(),
+                               prevs[i].const_data_ptr<float>(),
+                               bits[i].const_data_ptr<uint8_t>(), buf, ws[i].numel(),
+                               cpu_dtype(ws[i]), b, lim, p);
+    }
+    return count_tensor(skipped);
+  }
+#ifdef BLIP_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(ws[0].device());
+  // Every launch adds its skipped elements into the same device counter.
+  at::Tensor count = at::zeros({}, ws[0].options().dtype(at::kLong));
+  const cudaStream_t stream = stream_of(ws[0]);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ws[i].device() == ws[0].device(), "blip_kernels._C: ws[", i, "] is on ",
+                ws[i].device(), ", ws[0] on ", ws[0].device());
+    const float b = static_cast<float>(bounds[i]);
+    const float lim = project_limit(b, static_cast<int>(max_bit));
+    float* buf = use_buf ? (*momentum_bufs)[i].mutable_data_ptr<float>() : nullptr;
+    const SgdParams p = sgd_params(lr, momentum, dampenings[i], nesterov, weight_decay);
+    cuda_check(blip_cuda_sgd_step(
+        ws[i].mutable_data_ptr(), grads[i].const_data_ptr(), prevs[i].const_data_ptr<float>(),
+        bits[i].const_data_ptr<uint8_t>(), buf, ws[i].numel(), dtype_code(ws[i]), b, lim, p.lr,
+        p.momentum, p.one_minus_dampening, p.weight_decay, p.use_weight_decay, p.nesterov,
+        counter_ptr(count), stream));
+  }
+  return count;
+#else
+  return {};  // unreachable: on_cuda() threw
+#endif
+}
+
 void update_bits_(at::Tensor bits, at::Tensor fisher, at::Tensor fisher_old, int64_t task,
                   int64_t max_bit) {
   check_dense(bits, "bits");

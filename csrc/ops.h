@@ -17,6 +17,15 @@ at::Tensor sgd_step_(at::Tensor w, const at::Tensor& grad, const at::Tensor& pre
                      const at::Tensor& bits, std::optional<at::Tensor> momentum_buf, double bound,
                      int64_t max_bit, double lr, double momentum, double dampening, bool nesterov,
                      double weight_decay);
+// sgd_step_ over lists of tensors (all on one device) in one call; the summed count.
+at::Tensor sgd_step_foreach_(const std::vector<at::Tensor>& ws,
+                             const std::vector<at::Tensor>& grads,
+                             const std::vector<at::Tensor>& prevs,
+                             const std::vector<at::Tensor>& bits,
+                             const std::optional<std::vector<at::Tensor>>& momentum_bufs,
+                             const std::vector<double>& bounds, int64_t max_bit, double lr,
+                             double momentum, const std::vector<double>& dampenings,
+                             bool nesterov, double weight_decay);
 void update_bits_(at::Tensor bits, at::Tensor fisher, at::Tensor fisher_old, int64_t task,
                   int64_t max_bit);
 void sync_(at::Tensor w, at::Tensor prev, const at::Tensor& bits, double bound);

@@ -149,6 +149,20 @@ def test_project_matches_reference(backend, n, dtype):
     assert torch.equal(w, w_ref)
 
 
+def test_non_finite_weight_at_the_range_edge_still_takes_the_global_clamp(backend):
+    # prev = quantize(bound) = bound lies outside ±bound·(1-2^-max_bit); a NaN/Inf weight
+    # falls back to prev and must still be clamped into the range.
+    prev = torch.ones(3, device=backend)
+    bits = torch.ones(3, dtype=torch.uint8, device=backend)
+    w = torch.tensor([float("nan"), float("inf"), 1.0], device=backend)
+    assert bk.project_(w, prev, bits, 1.0, MAX_BIT).item() == 2
+    assert torch.equal(w, torch.full_like(w, 1 - 2.0**-MAX_BIT))
+    w = torch.ones(3, device=backend)
+    grad = torch.tensor([-3e38, float("nan"), 0.0], device=backend)  # w - lr·g overflows
+    bk.constrained_sgd_step_(w, grad, prev, bits, 1.0, MAX_BIT, 10.0)
+    assert torch.equal(w, torch.full_like(w, 1 - 2.0**-MAX_BIT))
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
@@ -318,6 +332,134 @@ def test_fused_step_tracks_torch_sgd_plus_projection(backend, hp):
         # Projection snaps both to the same boundary; inside it, only fp32
         # rounding order (fused multiply-adds in torch's kernels) differs.
         torch.testing.assert_close(w_fused, p.data, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------- foreach (multi-tensor) step
+
+
+FOREACH_HP = [
+    {},
+    {"momentum": 0.9, "dampening": [0.0, 0.1, 0.0, 0.5, 0.2], "weight_decay": 1e-3},
+    {"momentum": 0.5, "nesterov": True, "weight_decay": 5e-4},
+]
+
+
+def foreach_case(backend: str, with_buf: bool):
+    """Five parameters of mixed sizes, dtypes and bounds, NaN/Inf in some gradients."""
+    sizes, bounds = [7, 1025, 1, 3333, 64], [0.3, 1.0, 0.05, 0.2, 0.7]
+    ws, grads, prevs, bits, bufs = [], [], [], [], []
+    for i, (n, bound) in enumerate(zip(sizes, bounds, strict=True)):
+        dtype = DTYPES[i % len(DTYPES)]
+        w, prev, b = state(n, dtype, backend, seed=100 + i, bound=bound)
+        g = (torch.randn(n, generator=torch.Generator().manual_seed(i)) * 3).to(dtype).to(backend)
+        if n > 1:
+            g[n // 3] = float("nan") if i % 2 else float("inf")
+        ws.append(w), grads.append(g), prevs.append(prev), bits.append(b)
+        bufs.append(torch.randn(n, device=backend))
+    return ws, grads, prevs, bits, bounds, (bufs if with_buf else None)
+
+
+@pytest.mark.parametrize("hp", FOREACH_HP, ids=["plain", "momentum-damp-list", "nesterov-wd"])
+def test_sgd_foreach_equals_single_tensor_op(backend, hp):
+    ws, grads, prevs, bits, bounds, bufs = foreach_case(backend, "momentum" in hp)
+    damps = hp.get("dampening", 0.0)
+    single = {k: v for k, v in hp.items() if k != "dampening"}
+    ws_1 = [w.clone() for w in ws]
+    bufs_1 = None if bufs is None else [b.clone() for b in bufs]
+    expected = 0
+    for i in range(len(ws)):
+        d = damps[i] if isinstance(damps, list) else damps
+        expected += bk.constrained_sgd_step_(
+            ws_1[i], grads[i], prevs[i], bits[i], bounds[i], MAX_BIT, 0.05,
+            None if bufs_1 is None else bufs_1[i], dampening=d, **single,
+        ).item()
+    count = bk.constrained_sgd_step_foreach_(
+        ws, grads, prevs, bits, bounds, MAX_BIT, 0.05, bufs, dampenings=damps, **single
+    )
+    assert count.dtype == torch.int64 and count.dim() == 0
+    assert count.item() == expected == 4
+    for i in range(len(ws)):
+        assert ws[i].dtype == ws_1[i].dtype
+        assert torch.equal(ws[i], ws_1[i]), f"ws[{i}]"
+        if bufs is not None:
+            assert torch.equal(bufs[i], bufs_1[i]), f"momentum_bufs[{i}]"
+
+
+def test_sgd_foreach_matches_reference(backend):
+    ws, grads, prevs, bits, bounds, bufs = foreach_case(backend, True)
+    args = (ws, grads, prevs, bits, bounds, MAX_BIT, 0.05, bufs, 0.9, [0.0, 0.3, 0.0, 0.1, 1.0])
+    clones = ([w.clone() for w in ws], [b.clone() for b in bufs])
+    with bk.use_backend("reference"):
+        count_ref = bk.constrained_sgd_step_foreach_(
+            clones[0], grads, prevs, bits, bounds, MAX_BIT, 0.05, clones[1], *args[8:]
+        )
+    assert bk.constrained_sgd_step_foreach_(*args).item() == count_ref.item()
+    assert all(torch.equal(a, b) for a, b in zip(ws, clones[0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(bufs, clones[1], strict=True))
+
+
+def test_sgd_foreach_non_contiguous_and_empty(backend):
+    w_full, prev_full, bits_full = state(2 * 1025, torch.float32, backend, seed=9)
+    w, prev, bits = w_full[::2], prev_full[::2], bits_full[::2]
+    grad = torch.randn(2 * 1025, device=backend)[1::2]
+    buf_full = torch.randn(2 * 1025, device=backend)
+    buf = buf_full[::2]
+    w2, prev2, bits2 = state(33, torch.bfloat16, backend, seed=10)
+    grad2 = torch.randn(33, device=backend).to(torch.bfloat16)
+    _, clones = on_reference(
+        lambda *a: bk.constrained_sgd_step_(*a, momentum=0.9), w, grad, prev, bits, 0.3,
+        MAX_BIT, 0.1, buf,
+    )
+    untouched = w_full[1::2].clone(), buf_full[1::2].clone()
+    w2_expected = w2.clone()
+    bk.constrained_sgd_step_(w2_expected, grad2, prev2, bits2, 1.0, MAX_BIT, 0.1,
+                             torch.zeros(33, device=backend), momentum=0.9)
+    bk.constrained_sgd_step_foreach_([w, w2], [grad, grad2], [prev, prev2], [bits, bits2],
+                                     [0.3, 1.0], MAX_BIT, 0.1,
+                                     [buf, torch.zeros(33, device=backend)], momentum=0.9)
+    assert torch.equal(w, clones[0]) and torch.equal(buf, clones[7])
+    assert torch.equal(w_full[1::2], untouched[0]) and torch.equal(buf_full[1::2], untouched[1])
+    assert torch.equal(w2, w2_expected)
+    empty = bk.constrained_sgd_step_foreach_([], [], [], [], [], MAX_BIT, 0.1)
+    assert empty.item() == 0
+
+
+def test_sgd_foreach_errors_name_the_index():
+    ws, grads, prevs, bits, bounds, bufs = foreach_case("cpu", True)
+    args = (ws, grads, prevs, bits, bounds, MAX_BIT, 0.1)
+
+    def bad(i: int, lst: list, value: object) -> list:
+        return [value if j == i else x for j, x in enumerate(lst)]
+
+    with pytest.raises(ValueError, match=r"prevs\[3\] has shape"):
+        bk.constrained_sgd_step_foreach_(ws, grads, bad(3, prevs, prevs[3][:5]), *args[3:])
+    with pytest.raises(TypeError, match=r"grads\[2\] must have dtype float16"):
+        bk.constrained_sgd_step_foreach_(ws, bad(2, grads, grads[2].float()), *args[2:])
+    with pytest.raises(TypeError, match=r"bits\[1\] must have dtype uint8"):
+        bk.constrained_sgd_step_foreach_(ws, grads, prevs, bad(1, bits, bits[1].long()), *args[4:])
+    with pytest.raises(ValueError, match=r"bits\[4\] must be <= max_bit=20"):
+        bk.constrained_sgd_step_foreach_(
+            ws, grads, prevs, bad(4, bits, torch.full_like(bits[4], 22)), *args[4:])
+    with pytest.raises(ValueError, match=r"bounds\[0\] must be a positive"):
+        bk.constrained_sgd_step_foreach_(*args[:4], bad(0, bounds, -1.0), MAX_BIT, 0.1)
+    with pytest.raises(TypeError, match=r"ws\[3\] must have dtype"):
+        bk.constrained_sgd_step_foreach_(bad(3, ws, ws[3].double()), *args[1:])
+    with pytest.raises(ValueError, match=r"ws\[1\] is on meta"):
+        bk.constrained_sgd_step_foreach_(bad(1, ws, ws[1].to("meta")), *args[1:])
+    with pytest.raises(ValueError, match="grads has 4 entries; ws has 5"):
+        bk.constrained_sgd_step_foreach_(ws, grads[:4], *args[2:])
+    with pytest.raises(ValueError, match="momentum_bufs is required"):
+        bk.constrained_sgd_step_foreach_(*args, momentum=0.9)
+    with pytest.raises(ValueError, match=r"momentum_bufs\[2\] is required"):
+        bk.constrained_sgd_step_foreach_(*args, bad(2, bufs, None), momentum=0.9)
+    with pytest.raises(TypeError, match=r"momentum_bufs\[0\] must have dtype float32"):
+        bk.constrained_sgd_step_foreach_(*args, bad(0, bufs, bufs[0].half()), momentum=0.9)
+    with pytest.raises(ValueError, match=r"dampenings\[1\] must be in \[0, 1\]"):
+        bk.constrained_sgd_step_foreach_(*args, bufs, 0.9, [0.0, 2.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="dampenings has 2 entries; ws has 5"):
+        bk.constrained_sgd_step_foreach_(*args, bufs, 0.9, [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"nesterov requires .*dampenings\[3\] is 0.5"):
+        bk.constrained_sgd_step_foreach_(*args, bufs, 0.9, [0.0, 0.0, 0.0, 0.5, 0.0], True)
 
 
 # -------------------------------------------------------------- bad input

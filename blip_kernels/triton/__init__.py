@@ -82,6 +82,33 @@ def sgd_step_(
     )
 
 
+def sgd_step_foreach_(
+    ws: list[Tensor],
+    grads: list[Tensor],
+    prevs: list[Tensor],
+    bits: list[Tensor],
+    momentum_bufs: list[Tensor] | None,
+    bounds: list[float],
+    max_bit: int,
+    lr: float,
+    momentum: float,
+    dampenings: list[float],
+    nesterov: bool,
+    weight_decay: float,
+) -> Tensor:
+    # A launch per tensor: asynchronous on CUDA, so the loop costs Python time only.
+    step = _module("step")
+    counts = [
+        step.sgd_step_(w, grads[i], prevs[i], bits[i],
+                       None if momentum_bufs is None else momentum_bufs[i], bounds[i], max_bit,
+                       lr, momentum, dampenings[i], nesterov, weight_decay)
+        for i, w in enumerate(ws)
+    ]
+    if not counts:
+        return torch.zeros((), dtype=torch.int64)
+    return torch.stack(counts).sum()
+
+
 def update_bits_(bits: Tensor, fisher: Tensor, fisher_old: Tensor, task: int, max_bit: int) -> None:
     _module("bits").update_bits_(bits, fisher, fisher_old, task, max_bit)
 

@@ -127,12 +127,13 @@ def quantize_f32(w, bits, b):
 
 @triton.jit
 def project_f32(w, prev, bits, b, lim):
-    """Section 4 on fp32 values, NaN/Inf weight -> prev (reference._project_f32)."""
+    """Section 4 on fp32 values, NaN/Inf weight -> prev first (reference._project_f32)."""
     r = b * pow2(-bits)
+    w = tl.where(is_finite(w), w, prev)
     d = w - prev
     d = tl.maximum(tl.minimum(d, r, propagate_nan=tl.PropagateNan.ALL), -r,
                    propagate_nan=tl.PropagateNan.ALL)
     out = prev + d
     out = tl.minimum(tl.maximum(out, -lim, propagate_nan=tl.PropagateNan.ALL), lim,
                      propagate_nan=tl.PropagateNan.ALL)
-    return tl.where(is_finite(w), out, prev)
+    return out
