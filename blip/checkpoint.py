@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -31,15 +32,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same directory, fsync, then os.replace:
-    readers see the old checkpoint or the new one, never a torn write."""
+def _write_atomic(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
+    """Write to a temp file in the same directory, fsync, then os.replace: readers
+    see the old file or the new one, never a torn write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -55,18 +56,13 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             os.close(dfd)
 
 
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, atomically."""
+    _write_atomic(path, "wb", lambda f: torch.save(obj, f))
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, "w", lambda f: f.write(text))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -10,6 +10,7 @@ PyTorch's default init, as in the authors' code.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -38,13 +39,14 @@ def _init_trunk(trunk: nn.Module) -> None:
             blip_init_(m)
 
 
-class MultiHead(nn.Module):
+class MultiHead(nn.Module, abc.ABC):
     """Base: ``features(x)`` (the trunk) and ``self.heads``; ``forward(x, task)``."""
 
     heads: nn.ModuleList
 
+    @abc.abstractmethod
     def features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The shared trunk's output for ``x``."""
 
     def forward(self, x: Tensor, task: int) -> Tensor:
         if not (isinstance(task, int) and 0 <= task < len(self.heads)):

@@ -312,8 +312,6 @@ def test_fisher_conv2d_through_ops_matches_true_per_sample_gradients() -> None:
 
 @pytest.fixture(scope="module")
 def vec() -> dict[str, np.ndarray]:
-    if not VECTORS.exists():
-        pytest.skip(f"{VECTORS} missing")
     with np.load(VECTORS) as data:
         return {k: data[k] for k in data.files}
 
