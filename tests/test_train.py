@@ -21,7 +21,7 @@ from blip.trainer import TrainConfig, Trainer
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = {"n_tasks": 5, "epochs": 10}  # ~10 s per run on 2 CPU cores
+SHORT = {"n_tasks": 5, "epochs": 10, "batch_size": 64}  # ~10 s per run on 2 CPU cores
 
 
 def test_metrics_definitions() -> None:
