@@ -7,7 +7,11 @@ Trainer protocol, per run::
     for task in range(T):
         method.before_task(task)
         opt = method.make_optimizer(task, lr)     # the trainer may later set param_groups' lr
-        ... per batch: loss.backward(); opt.step(); method.after_step(task)
+        ... per batch:
+            loss = method.training_loss(model, x, y, task)   # task loss + any penalty
+            opt.zero_grad(); loss.backward()
+            method.after_backward(task)                      # e.g. project or mask grads
+            opt.step(); method.after_step(task)
         stats = method.after_task(task, train_x, train_y)
     method.state_dict() / load_state_dict()       # beside model.state_dict() in checkpoints
 
@@ -21,6 +25,7 @@ import time
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn import quantized_layers
@@ -59,6 +64,13 @@ class Method:
 
     def before_task(self, task: int) -> None:
         pass
+
+    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
+        """The loss to minimise on a batch of task ``task``: cross-entropy on its head."""
+        return F.cross_entropy(model(x, task), y)
+
+    def after_backward(self, task: int) -> None:
+        """Called between ``loss.backward()`` and ``optimizer.step()``."""
 
     def after_step(self, task: int) -> None:
         pass

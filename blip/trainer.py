@@ -243,9 +243,10 @@ class Trainer:
             for i in range(0, n, cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
                 x, y = task.inputs(x_train[idx]), y_train[idx]
-                loss = F.cross_entropy(net(x, t), y)
+                loss = method.training_loss(net, x, y, t)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                method.after_backward(t)
                 opt.step()
                 method.after_step(t)
                 steps += 1
