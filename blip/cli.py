@@ -51,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--json", action="store_true", help="print the results as JSON instead")
 
+    c = sub.add_parser("compare", help="run (or reuse) several methods over seeds; one table",
+                       description="Run every method for every seed on one benchmark (reusing "
+                       "finished runs in OUT), then write OUT/compare.md, OUT/compare.csv "
+                       "and OUT/compare_accuracy.png.")
+    c.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
+    c.add_argument("--methods", default="blip,finetune,freeze",
+                   help="comma-separated method names (default blip,finetune,freeze)")
+    c.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    c.add_argument("--out", help="directory of the runs and tables (default runs/compare-<bench>)")
+    c.add_argument("--epochs", type=int, help="epoch budget per task (default: preset)")
+    c.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
+    c.add_argument("--data-dir", help="root of the full benchmarks' files")
+    c.add_argument("--no-plots", action="store_true")
+
     sub.add_parser("presets", help="print the per-benchmark presets")
     return p
 
@@ -74,6 +88,21 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(a: argparse.Namespace) -> int:
+    from .compare import compare
+
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers; got {a.seeds!r}") from None
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    overrides = {k: v for k, v in (("epochs", a.epochs), ("n_tasks", a.n_tasks),
+                                   ("data_dir", a.data_dir)) if v is not None}
+    out = a.out or f"runs/compare-{a.benchmark}"
+    print(compare(a.benchmark, methods, seeds, out, plots=not a.no_plots, **overrides))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataFormatError
 
@@ -81,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.command == "train":
             return _train(a)
+        if a.command == "compare":
+            return _compare(a)
         if a.command == "report":
             from .report import load_results, report
 

@@ -405,6 +405,8 @@ class Trainer:
                 "eval_seconds": t3 - t2, "seconds": t3 - t0,
                 "capacity": {k: float(v) for k, v in (cap or {}).items()},
                 "method_stats": _jsonable(stats),
+                # memory the method keeps beyond the model's weights, per weight
+                "extra_bytes_per_param": method.extra_state_bytes() / n_params,
             }
             state["records"].append(record)
             state["bits_hist"].append(hist)
