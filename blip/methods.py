@@ -33,6 +33,17 @@ from .optim import ConstrainedSGD
 from .strategy import BLIP
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Total bytes of the tensors in a (nested) dict / list / tuple."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 class Method:
     """Base class: plain SGD over all parameters, no hooks."""
 
@@ -87,6 +98,10 @@ class Method:
     def layer_capacity(self) -> dict[str, float] | None:
         """Used capacity per quantized layer (section 8), or None if not applicable."""
         return None
+
+    def extra_state_bytes(self) -> int:
+        """Bytes the method keeps beyond the model's parameters: its state's tensors."""
+        return tensor_bytes(self.state_dict())
 
     def bits_histograms(self) -> dict[str, list[int]] | None:
         """Per quantized layer, counts of parameters with 0..max_bit frozen bits."""
@@ -210,6 +225,13 @@ class BLIPMethod(Method):
 
     def layer_capacity(self) -> dict[str, float] | None:
         return self._blip().capacity()["layers"]
+
+    def extra_state_bytes(self) -> int:
+        # The BLIP state lives in the quantized layers' buffers (prev, bits, F_old).
+        buffers = [b for _, layer in quantized_layers(self.model)
+                   for name, b in layer.named_buffers(recurse=False)
+                   if name.startswith(("prev_", "bits_", "fisher_old_"))]
+        return super().extra_state_bytes() + tensor_bytes(buffers)
 
     def bits_histograms(self) -> dict[str, list[int]] | None:
         out: dict[str, list[int]] = {}
