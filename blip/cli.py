@@ -18,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Learn a sequence of classification tasks. Unset options "
                        "take the benchmark's preset (the published hyperparameters).")
     t.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
-    t.add_argument("--method", default="blip", help="blip | finetune | freeze (default blip)")
+    t.add_argument("--method", default="blip",
+                   help="blip (default), finetune, freeze, ewc, online-ewc, si, mas, imm-mode, "
+                   "lwf, agem")
     t.add_argument("--model", choices=["mlp", "alexnet", "resnet18"], default=None)
     t.add_argument("--epochs", type=int, help="epoch budget per task")
     t.add_argument("--lr", type=float, help="initial learning rate")

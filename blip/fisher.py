@@ -9,9 +9,12 @@ Convention (the one the published ``F_prior`` values assume):
   number of samples.
 
 The per-sample squares come from :func:`blip_kernels.fisher_linear_` /
-:func:`blip_kernels.fisher_conv2d_`, fed by hooks that keep each quantized
-layer's input and the loss gradient w.r.t. its output; no per-sample gradient
-is ever held here.
+:func:`blip_kernels.fisher_conv2d_`, fed by hooks that keep each layer's input
+and the loss gradient w.r.t. its output; no per-sample gradient is ever held
+here. :func:`estimate_fisher_` fills BLIP's quantized layers' accumulators;
+:func:`true_fisher` returns the same estimate for any ``nn.Linear`` /
+``nn.Conv2d`` (quantized or not) as plain tensors, for the Fisher-based
+baselines (EWC, online EWC, IMM).
 
 Mode: the model runs in **eval** mode during estimation, as in the authors'
 code. It also makes per-sample gradients well defined: in train mode BatchNorm
@@ -36,6 +39,9 @@ import blip_kernels
 from .nn import QuantConv2d, QuantLinear
 
 Layer = QuantLinear | QuantConv2d
+AnyLayer = nn.Linear | nn.Conv2d
+#: per layer id: (weight accumulator, bias accumulator or None)
+Accumulators = dict[int, tuple[Tensor, Tensor | None]]
 Forward = Callable[[Tensor], Tensor]
 
 
@@ -108,8 +114,9 @@ def iter_fisher_batches(
 class _Recorder:
     """Forward hooks that keep each layer's input and hook its output's gradient."""
 
-    def __init__(self, layers: Sequence[Layer]) -> None:
+    def __init__(self, layers: Sequence[AnyLayer], accs: Accumulators) -> None:
         self.calls: dict[int, int] = {}
+        self.accs = accs
         self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
         self.names = {id(layer): type(layer).__name__ for layer in layers}
 
@@ -121,13 +128,14 @@ class _Recorder:
         if n > 1:
             # Σ_n (Σ_uses g)^2 does not split into per-use squares.
             raise ValueError(
-                f"a quantized {self.names[id(layer)]} was called more than once in one "
+                f"a {self.names[id(layer)]} was called more than once in one "
                 "forward; the Fisher of a layer shared within a forward is not supported"
             )
         x = inputs[0].detach()
         # A tensor hook registered now sees the gradient of this output even if a
         # later op (ReLU(inplace=True)) modifies it in place.
-        output.register_hook(lambda g: _accumulate(layer, x, g))
+        fw, fb = self.accs[id(layer)]
+        output.register_hook(lambda g: _accumulate(layer, fw, fb, x, g))
 
     def new_batch(self) -> None:
         self.calls.clear()
@@ -137,10 +145,8 @@ class _Recorder:
             h.remove()
 
 
-def _accumulate(layer: nn.Module, x: Tensor, g: Tensor) -> None:
-    fw = layer.fisher_weight
-    fb = layer.fisher_bias if layer.bias is not None else None
-    if isinstance(layer, QuantLinear):
+def _accumulate(layer: nn.Module, fw: Tensor, fb: Tensor | None, x: Tensor, g: Tensor) -> None:
+    if isinstance(layer, nn.Linear):
         if x.dim() == 1:  # unbatched call: one sample
             x, g = x.unsqueeze(0), g.unsqueeze(0)
         elif x.dim() > 3:  # (N, *, in): per-sample gradients sum over all middle axes
@@ -167,6 +173,58 @@ def _sample_targets(logits: Tensor, generator: torch.Generator | None) -> Tensor
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(
             -1).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_forward(forward: object) -> None:
+    if not callable(forward):
+        raise TypeError(f"forward must be callable x -> logits; got {type(forward).__name__}")
+
+
+def _accumulate_true_fisher(
+    model: nn.Module,
+    layer_list: Sequence[AnyLayer],
+    accs: Accumulators,
+    batches: object,
+    forward: Forward,
+    n_batches: int,
+    batch_size: int,
+    generator: torch.Generator | None,
+) -> int:
+    """Add ``Σ_n g_n²`` (batch-mean loss, sampled targets) of every layer into ``accs``;
+    returns the number of samples (the caller divides by it)."""
+    modes = {m: m.training for m in model.modules()}
+    grad_flags = {id(p): (p, p.requires_grad) for lay in layer_list for p in lay.parameters()}
+    weights = [lay.weight for lay in layer_list]
+    device = weights[0].device
+    recorder = _Recorder(layer_list, accs)
+    n = 0
+    try:
+        model.eval()
+        for p, _ in grad_flags.values():
+            p.requires_grad_(True)  # so every hooked output is part of the graph
+        with torch.enable_grad():
+            for x in iter_fisher_batches(batches, n_batches, batch_size, generator):
+                x = x.to(device, non_blocking=True)  # loaders often yield CPU batches
+                recorder.new_batch()
+                logits = forward(x)
+                if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+                    raise ValueError(
+                        f"forward must return logits of shape (N={x.shape[0]}, classes); "
+                        f"got {tuple(logits.shape)}"
+                    )
+                y = _sample_targets(logits, generator)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") / batch_size
+                # Gradients w.r.t. the weights are only a way to drive the backward
+                # through every hooked output; they are discarded (no .grad pollution).
+                torch.autograd.grad(loss, weights, allow_unused=True)
+                n += x.shape[0]
+    finally:
+        recorder.remove()
+        for p, flag in grad_flags.values():
+            p.requires_grad_(flag)
+        for m, flag in modes.items():
+            m.training = flag
+    return n
 
 
 def estimate_fisher_(
@@ -196,38 +254,18 @@ def estimate_fisher_(
         layer_list.append(layer)
     if not layer_list:
         raise ValueError("layers is empty: nothing to estimate a Fisher for")
-    if not callable(forward):
-        raise TypeError(f"forward must be callable x -> logits; got {type(forward).__name__}")
+    _check_forward(forward)
 
-    modes = {m: m.training for m in model.modules()}
-    grad_flags = {id(p): (p, p.requires_grad) for lay in layer_list for p in lay.parameters()}
-    weights = [lay.weight for lay in layer_list]
-    device = weights[0].device
     for lay in layer_list:
         lay.free_fisher_()
         lay.alloc_fisher_()
-    recorder = _Recorder(layer_list)
-    n = 0
+    accs: Accumulators = {
+        id(lay): (lay.fisher_weight, lay.fisher_bias if lay.bias is not None else None)
+        for lay in layer_list
+    }
     try:
-        model.eval()
-        for p, _ in grad_flags.values():
-            p.requires_grad_(True)  # so every hooked output is part of the graph
-        with torch.enable_grad():
-            for x in iter_fisher_batches(batches, n_batches, batch_size, generator):
-                x = x.to(device, non_blocking=True)  # loaders often yield CPU batches
-                recorder.new_batch()
-                logits = forward(x)
-                if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-                    raise ValueError(
-                        f"forward must return logits of shape (N={x.shape[0]}, classes); "
-                        f"got {tuple(logits.shape)}"
-                    )
-                y = _sample_targets(logits, generator)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") / batch_size
-                # Gradients w.r.t. the weights are only a way to drive the backward
-                # through every hooked output; they are discarded (no .grad pollution).
-                torch.autograd.grad(loss, weights, allow_unused=True)
-                n += x.shape[0]
+        n = _accumulate_true_fisher(model, layer_list, accs, batches, forward, n_batches,
+                                    batch_size, generator)
         for lay in layer_list:
             for name in lay.blip_param_names():
                 getattr(lay, f"fisher_{name}").mul_(1.0 / n)
@@ -235,13 +273,55 @@ def estimate_fisher_(
         for lay in layer_list:
             lay.free_fisher_()
         raise
-    finally:
-        recorder.remove()
-        for p, flag in grad_flags.values():
-            p.requires_grad_(flag)
-        for m, flag in modes.items():
-            m.training = flag
     return n
 
 
-__all__ = ["estimate_fisher_", "iter_fisher_batches"]
+def true_fisher(
+    model: nn.Module,
+    layers: Iterable[tuple[str, AnyLayer]],
+    batches: object,
+    forward: Forward,
+    *,
+    n_batches: int = 80,
+    batch_size: int = 100,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """The true-Fisher diagonal of any ``nn.Linear`` / ``nn.Conv2d`` layers, as tensors.
+
+    Same convention and kernels as :func:`estimate_fisher_` (section 7), but the
+    layers need no BLIP buffers and nothing is stored on them. ``layers``:
+    ``(name, layer)`` pairs, e.g. from ``model.named_modules()``. Returns
+    ``({f"{name}.weight": F_w, f"{name}.bias": F_b, ...}, n_samples)``, fp32, on the
+    layers' device; the keys match ``model.named_parameters()`` when the names come
+    from ``model.named_modules()``.
+    """
+    pairs: list[tuple[str, AnyLayer]] = []
+    for item in layers:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"layers must hold (name, layer) pairs; got {item!r}")
+        if not isinstance(item[1], (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"layers must hold nn.Linear/nn.Conv2d (or their quantized "
+                            f"subclasses); got {type(item[1]).__name__} for {item[0]!r}")
+        pairs.append(item)
+    if not pairs:
+        raise ValueError("layers is empty: nothing to estimate a Fisher for")
+    _check_forward(forward)
+    accs: Accumulators = {}
+    for _, lay in pairs:
+        fw = torch.zeros(lay.weight.shape, dtype=torch.float32, device=lay.weight.device)
+        fb = (torch.zeros(lay.bias.shape, dtype=torch.float32, device=lay.bias.device)
+              if lay.bias is not None else None)
+        accs[id(lay)] = (fw, fb)
+    n = _accumulate_true_fisher(model, [lay for _, lay in pairs], accs, batches, forward,
+                                n_batches, batch_size, generator)
+    out: dict[str, Tensor] = {}
+    for name, lay in pairs:
+        fw, fb = accs[id(lay)]
+        prefix = f"{name}." if name else ""
+        out[prefix + "weight"] = fw.mul_(1.0 / n)
+        if fb is not None:
+            out[prefix + "bias"] = fb.mul_(1.0 / n)
+    return out, n
+
+
+__all__ = ["estimate_fisher_", "iter_fisher_batches", "true_fisher"]

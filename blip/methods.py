@@ -245,3 +245,7 @@ class BLIPMethod(Method):
 
 
 __all__ = ["BLIPMethod", "Finetune", "Freeze", "METHODS", "Method", "make_method", "register"]
+
+# Registers the baseline methods (ewc, online-ewc, si, mas, imm-mode, lwf, agem); last,
+# because blip.baselines imports Method and register from here.
+from . import baselines as _baselines  # noqa: E402,F401
