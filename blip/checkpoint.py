@@ -70,4 +70,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     # Our own file holding numpy RNG state and plain dicts: full unpickling is needed.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({e}); delete it, or run without "
+                         "--resume to start over") from e

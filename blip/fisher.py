@@ -21,9 +21,9 @@ code. It also makes per-sample gradients well defined: in train mode BatchNorm
 couples the samples of a batch and dropout adds noise to the estimate. The
 previous train/eval flags are restored afterwards.
 
-Batching: samples are re-batched to exactly ``batch_size`` whatever the input
-batching, and the loss is ``sum / batch_size`` so a short final batch keeps the
-same ``1/batch_size`` factor as the others (with full batches it *is* the mean).
+Batching: samples are re-batched to ``batch_size`` whatever the input batching
+(the last batch may be short), and the loss is the mean over each actual batch,
+as the authors' loop computes it.
 """
 
 from __future__ import annotations
@@ -212,8 +212,13 @@ def _accumulate_true_fisher(
                         f"forward must return logits of shape (N={x.shape[0]}, classes); "
                         f"got {tuple(logits.shape)}"
                     )
+                if not torch.isfinite(logits).all():
+                    raise FloatingPointError(
+                        "forward returned NaN/Inf logits while estimating the Fisher: the "
+                        "model or the task's data is not finite"
+                    )
                 y = _sample_targets(logits, generator)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") / batch_size
+                loss = F.cross_entropy(logits.float(), y)  # the batch mean (section 7)
                 # Gradients w.r.t. the weights are only a way to drive the backward
                 # through every hooked output; they are discarded (no .grad pollution).
                 torch.autograd.grad(loss, weights, allow_unused=True)

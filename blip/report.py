@@ -50,28 +50,50 @@ def summary_text(run_dir: str | Path, r: dict) -> str:
     return "\n".join(lines)
 
 
+#: config entries that may differ between seeds of one group (they do not change results)
+_NOT_SETTINGS = ("seed", "device", "threads", "data_dir", "download")
+
+
+def _settings_key(r: dict) -> str:
+    cfg = {k: v for k, v in r["config"].items() if k not in _NOT_SETTINGS}
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
 def comparison_table(runs: list[tuple[str, dict]]) -> str:
-    """One row per run, then mean ± std per (benchmark, method) group over seeds."""
+    """One row per run, then mean ± std over seeds per group of complete runs with the
+    same settings (runs that differ in anything but the seed are never averaged)."""
     head = f"{'run':<36} {'bench':<10} {'method':<9} {'seed':>4} {'tasks':>5} {'ACC':>7} " \
            f"{'BWT':>7} {'BWT/T':>7} {'cap%':>6} {'time s':>7}"
     rows = [head, "-" * len(head)]
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[tuple[str, dict]]] = defaultdict(list)
     for d, r in runs:
         cap = r["capacity"][-1].get("overall") if r["capacity"] and r["capacity"][-1] else None
+        done = f"{r['tasks_done']}" + ("" if r["complete"] else "*")
         rows.append(f"{str(d)[-36:]:<36} {r['benchmark']:<10} {r['method']:<9} "
-                    f"{r['config']['seed']:>4} {r['tasks_done']:>5} {_pts(r['acc']):>7} "
+                    f"{r['config']['seed']:>4} {done:>5} {_pts(r['acc']):>7} "
                     f"{_pts(r['bwt'], True):>7} {_pts(r['bwt_authors'], True):>7} "
                     f"{'-' if cap is None else f'{100 * cap:.1f}':>6} "
                     f"{r['total_seconds']:>7.1f}")
-        groups[(r["benchmark"], r["method"])].append(r)
+        if r["complete"]:
+            groups[(r["benchmark"], r["method"], _settings_key(r))].append((str(d), r))
+    if any(not r["complete"] for _, r in runs):
+        rows.append("* incomplete run: not averaged")
     if any(len(g) > 1 for g in groups.values()):
-        rows += ["", "mean ± std over runs:"]
-        for (bench, meth), rs in groups.items():
+        rows += ["", "mean ± std over seeds (complete runs with the same settings):"]
+        per_method = defaultdict(int)
+        for bench, meth, _ in groups:
+            per_method[(bench, meth)] += 1
+        for (bench, meth, _), members in groups.items():
+            rs = [r for _, r in members]
+
             def ms(key: str, rs: list[dict] = rs) -> str:
                 mu, sd = metrics.mean_std([100 * x[key] for x in rs])
                 return f"{mu:+.2f} ± {sd:.2f}" if key.startswith("bwt") else f"{mu:.2f} ± {sd:.2f}"
             t = float(np.mean([x["total_seconds"] for x in rs]))
-            rows.append(f"  {bench} / {meth} (n={len(rs)}): ACC {ms('acc')}, BWT {ms('bwt')}, "
+            label = f"{bench} / {meth}"
+            if per_method[(bench, meth)] > 1:  # several settings: name one run of each
+                label += f" [as {members[0][0]}]"
+            rows.append(f"  {label} (n={len(rs)}): ACC {ms('acc')}, BWT {ms('bwt')}, "
                         f"BWT/T {ms('bwt_authors')}, time {t:.1f}s")
     return "\n".join(rows)
 

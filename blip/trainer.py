@@ -23,8 +23,10 @@ import io
 import json
 import math
 import random
+import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,9 @@ class TrainConfig:
              f"threads must be >= 1; got {self.threads}"),
             (self.n_tasks is None or self.n_tasks >= 1,
              f"n_tasks must be >= 1; got {self.n_tasks}"),
+            (self.lr_min > 0, f"lr_min must be > 0; got {self.lr_min}"),
+            (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be cpu, cuda or cuda:N; got {self.device!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -272,9 +277,15 @@ class Trainer:
             bar.update(loss=f"{val_loss:.3f}", acc=f"{100 * val_acc:.1f}", lr=f"{lr:.2g}")
         bar.close()
         net.load_state_dict(best_state)
+        # Gradient elements the fused step skipped for being NaN/Inf: never silent.
+        skipped = opt.skipped_nonfinite() if hasattr(opt, "skipped_nonfinite") else 0
+        if skipped:
+            warnings.warn(f"task {t}: the fused step skipped {skipped} NaN/Inf gradient "
+                          "elements (their weights kept their values)", stacklevel=2)
         return {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_valid_loss": best_loss,
                 "final_lr": lr, "steps": steps, "train_step_seconds": step_time,
-                "seconds_per_step": step_time / max(steps, 1)}
+                "seconds_per_step": step_time / max(steps, 1),
+                "skipped_nonfinite_grads": skipped}
 
     def _fisher_data(self, task: TaskData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = task.x_train, task.y_train

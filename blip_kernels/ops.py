@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -87,9 +88,14 @@ def _check_bound(bound: float, name: str = "bound") -> None:
     )
 
 
+def _is_int(v: object) -> bool:
+    # numpy integers count, bools do not (True is not a bit count or a task id)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _check_max_bit(max_bit: int) -> None:
     _check(
-        isinstance(max_bit, int) and 1 <= max_bit <= MAX_SUPPORTED_BIT,
+        _is_int(max_bit) and 1 <= max_bit <= MAX_SUPPORTED_BIT,
         f"max_bit must be an int in 1..{MAX_SUPPORTED_BIT}; got {max_bit!r}",
     )
 
@@ -379,7 +385,7 @@ def quantize(w: Tensor, bits: Tensor, bound: float) -> Tensor:
     """Section 1: ``rint(w/bound·2^bits)/2^bits·bound``, 0 where ``bits == 0`` (no gradient)."""
     _check_tensor("w", w, PARAM_DTYPES)
     _check_bound(bound)
-    _check_tensor("bits", bits, (torch.uint8,), w.shape, w.device)
+    _check_bits(bits, MAX_SUPPORTED_BIT, w.shape, w.device)
     w = w.detach()
     return (_quantize_impl if _direct(w, bits) else _quantize_op)(w, bits, float(bound))
 
@@ -388,7 +394,7 @@ def quantize_ste(w: Tensor, bits: Tensor, bound: float) -> Tensor:
     """:func:`quantize` whose backward passes the gradient through unchanged."""
     _check_tensor("w", w, PARAM_DTYPES)
     _check_bound(bound)
-    _check_tensor("bits", bits, (torch.uint8,), w.shape, w.device)
+    _check_bits(bits, MAX_SUPPORTED_BIT, w.shape, w.device)
     fn = _quantize_impl if not (w.requires_grad and torch.is_grad_enabled()) and _direct(
         w, bits) else _quantize_op
     return fn(w, bits, float(bound))
@@ -402,7 +408,7 @@ def project_(w: Tensor, prev: Tensor, bits: Tensor, bound: float, max_bit: int) 
     _check_param_state(w, prev, bits, bound, max_bit)
     with _no_grad():
         fn = _project_impl if _direct(w, prev, bits) else _project_op
-        return fn(w, prev, bits, float(bound), max_bit)
+        return fn(w, prev, bits, float(bound), int(max_bit))
 
 
 def constrained_sgd_step_(
@@ -438,7 +444,8 @@ def constrained_sgd_step_(
     with _no_grad():
         fn = _sgd_impl if _direct(w, grad, prev, bits, momentum_buf) else _sgd_op
         return fn(
-            w, grad, prev, bits, momentum_buf if momentum != 0 else None, float(bound), max_bit,
+            w, grad, prev, bits, momentum_buf if momentum != 0 else None, float(bound),
+            int(max_bit),
             float(lr), float(momentum), float(dampening), bool(nesterov), float(weight_decay),
         )
 
@@ -482,7 +489,7 @@ def constrained_sgd_step_foreach_(
     bufs = _list(momentum_bufs) if momentum != 0 else None
     fn = _sgd_foreach_impl if _direct(*ws, *grads, *prevs, *bits, *(bufs or ())) else (
         _sgd_foreach_op)
-    args = (ws, grads, prevs, bits, bufs, [float(b) for b in bounds], max_bit, float(lr),
+    args = (ws, grads, prevs, bits, bufs, [float(b) for b in bounds], int(max_bit), float(lr),
             float(momentum), damps, bool(nesterov), float(weight_decay))
     if torch.is_grad_enabled():
         with torch.no_grad():
@@ -551,18 +558,18 @@ def update_bits_(bits: Tensor, fisher: Tensor, fisher_old: Tensor, task: int, ma
     """Sections 2 and 3 in one pass: grow ``bits``, fold ``fisher`` into ``fisher_old``, zero it."""
     _check_tensor("fisher", fisher, (torch.float32,))
     _check_tensor("fisher_old", fisher_old, (torch.float32,), fisher.shape, fisher.device)
-    _check(isinstance(task, int) and task >= 0, f"task must be an int >= 0; got {task!r}")
+    _check(_is_int(task) and task >= 0, f"task must be an int >= 0; got {task!r}")
     _check_max_bit(max_bit)
     _check_bits(bits, max_bit, fisher.shape, fisher.device)
     fn = _update_bits_impl if _direct(bits, fisher, fisher_old) else _update_bits_op
-    fn(bits, fisher, fisher_old, task, max_bit)
+    fn(bits, fisher, fisher_old, int(task), int(max_bit))
 
 
 def sync_(w: Tensor, prev: Tensor, bits: Tensor, bound: float) -> None:
     """Section 5: ``w = quantize(w, bits, bound)``; ``prev = w``."""
     _check_tensor("w", w, PARAM_DTYPES)
     _check_tensor("prev", prev, (torch.float32,), w.shape, w.device)
-    _check_tensor("bits", bits, (torch.uint8,), w.shape, w.device)
+    _check_bits(bits, MAX_SUPPORTED_BIT, w.shape, w.device)
     _check_bound(bound)
     with _no_grad():
         (_sync_impl if _direct(w, prev, bits) else _sync_op)(w, prev, bits, float(bound))
@@ -576,7 +583,9 @@ def _check_fisher_buffers(fisher_w: Tensor, fisher_b: Tensor | None, out_feature
 
 
 def _check_scale(scale: float) -> None:
-    _check(math.isfinite(scale), f"scale must be finite; got {scale!r}")
+    # a negative scale would make the Fisher (a sum of squares) negative
+    _check(isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0,
+           f"scale must be a finite number >= 0; got {scale!r}")
 
 
 def fisher_linear_(
@@ -644,6 +653,9 @@ def fisher_conv2d_(
            f"fisher_w has C_in/groups={cin_g} but x has C_in={x.shape[1]} with groups={groups}")
     ho = (x.shape[2] + 2 * pad[0] - dil[0] * (kh - 1) - 1) // st[0] + 1
     wo = (x.shape[3] + 2 * pad[1] - dil[1] * (kw - 1) - 1) // st[1] + 1
+    _check(ho >= 1 and wo >= 1,
+           f"kernel {kh}x{kw} with dilation {dil} is larger than the padded input "
+           f"{x.shape[2] + 2 * pad[0]}x{x.shape[3] + 2 * pad[1]}")
     _check_tensor("grad_out", grad_out, PARAM_DTYPES, torch.Size([x.shape[0], out_ch, ho, wo]),
                   x.device)
     _check_fisher_buffers(fisher_w, fisher_b, out_ch)

@@ -150,7 +150,7 @@ def _brute_fisher(model: nn.Module, x: Tensor, task: int, seed: int, n_batches: 
             probs = F.softmax(model(xb, task), -1)
         yb = torch.multinomial(probs, 1, generator=g).squeeze(-1)
         for i in range(xb.shape[0]):
-            loss = F.cross_entropy(model(xb[i:i + 1], task), yb[i:i + 1]) / batch_size
+            loss = F.cross_entropy(model(xb[i:i + 1], task), yb[i:i + 1]) / xb.shape[0]
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (n, _), gr in zip(params.items(), grads, strict=True):
                 if gr is not None:

@@ -312,7 +312,8 @@ def _bruteforce_fisher(model: nn.Module, forward, x_all: torch.Tensor, batch_siz
             probs = F.softmax(forward(xb), -1)
         yb = torch.multinomial(probs, 1, generator=g).squeeze(-1)
         for i in range(xb.shape[0]):
-            loss = F.cross_entropy(forward(xb[i: i + 1]), yb[i: i + 1]) / batch_size
+            # the batch mean (section 7): the actual batch size, also for a short last batch
+            loss = F.cross_entropy(forward(xb[i: i + 1]), yb[i: i + 1]) / xb.shape[0]
             grads = torch.autograd.grad(loss, list(params.values()))
             for k, gr in zip(params, grads, strict=True):
                 acc[k] += gr.double() ** 2

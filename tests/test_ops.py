@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -504,6 +505,16 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="groups=2"):
         bk.fisher_conv2d_(torch.zeros(2, 3, 3, 3), None, torch.randn(1, 3, 8, 8),
                           torch.randn(1, 2, 6, 6), groups=2)
+    with pytest.raises(ValueError, match="task must be an int"):
+        bk.update_bits_(bits, torch.zeros(10), torch.ones(10), True, MAX_BIT)
+    with pytest.raises(ValueError, match="bits must be <= max_bit=24"):
+        bk.quantize(w, torch.full_like(bits, 130), 0.3)
+    with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+        bk.fisher_linear_(torch.zeros(3, 4), None, torch.randn(5, 4), torch.randn(5, 3), -1.0)
+    with pytest.raises(ValueError, match="larger than the padded input 5x5"):
+        bk.fisher_conv2d_(torch.zeros(2, 3, 7, 7), None, torch.randn(1, 3, 5, 5),
+                          torch.randn(1, 2, 1, 1))
+    bk.update_bits_(bits, torch.zeros(10), torch.ones(10), np.int64(1), np.int64(MAX_BIT))
     with bk.value_checks(False):  # the data-dependent check can be switched off
         bk.project_(w, prev, torch.full_like(bits, 7), 0.3, 8)
 
