@@ -16,6 +16,7 @@ import torch
 from _bench import DEVICE
 
 BASELINES = {"step": "unfused", "project": "unfused", "quantize": "unfused",
+             "update_bits": "unfused", "sync": "unfused",
              "fisher_linear": "replication", "fisher_conv2d": "replication",
              "train_step": "finetune"}
 
@@ -25,6 +26,8 @@ def _rows(session) -> list[dict]:  # noqa: ANN001 - pytest-benchmark's session o
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     extras: dict[tuple[str, str], dict] = {}
     for bench in session.benchmarks:
+        if not bench.stats.data:  # the benchmark failed before timing anything
+            continue
         variant = bench.extra_info.get("variant", bench.name)
         groups[bench.group][variant] = bench.stats.median
         extras[(bench.group, variant)] = bench.extra_info

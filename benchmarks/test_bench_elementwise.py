@@ -6,6 +6,8 @@ step, then the clipping chain (diff, range, min, max, add, clamp) as separate op
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _bench import DEVICE, bench_backends, copy_same_bytes, run
@@ -117,3 +119,72 @@ def test_quantize_fused(benchmark, tensors, backend):
     with bk.use_backend(backend):
         run(benchmark, lambda: bk.quantize_ste(tensors["w"], tensors["bits"], BOUND),
              "quantize/4M", backend, QUANTIZE_BYTES * N)
+
+
+# ---------------------------------------------------- bit allocation and sync
+
+BITS_BYTES = 1 + 1 + 4 + 4 + 4 + 4  # bits r/w, fisher r/w (zeroed), fisher_old r/w
+SYNC_BYTES = 4 + 1 + 4 + 4  # w r/w, bits, prev written
+
+
+@pytest.fixture(scope="module")
+def fisher_state():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "bits": torch.randint(0, 12, (N,), generator=g).to(torch.uint8).to(DEVICE),
+        "fisher": (torch.rand(N, generator=g) * 1e-9).to(DEVICE),
+        "fisher_old": (torch.rand(N, generator=g) * 1e-9 + 1e-12).to(DEVICE),
+    }
+
+
+def authors_update_bits(bits, fisher, fisher_old, task) -> None:  # noqa: ANN001
+    """The published update_bits + update_fisher chain (bits held as int64 there)."""
+    c = 0.5 / math.log(2)
+    gain = c * torch.log((fisher + fisher_old * (task + 1)) / (fisher_old * (task + 2)))
+    grow = torch.ceil(gain).long().clamp_(min=0)
+    bits.add_(grow).clamp_(max=MAX_BIT)
+    fisher_old.mul_(task + 1).add_(fisher).div_(task + 2)
+    fisher.zero_()
+
+
+def test_bits_copy(benchmark):
+    copy_same_bytes(benchmark, "update_bits/4M", BITS_BYTES * N)
+
+
+def test_bits_unfused(benchmark, fisher_state):
+    bits = fisher_state["bits"].long()
+    fisher, fisher_old = fisher_state["fisher"].clone(), fisher_state["fisher_old"].clone()
+    run(benchmark, lambda: authors_update_bits(bits, fisher, fisher_old, 1),
+        "update_bits/4M", "unfused", BITS_BYTES * N)
+
+
+@pytest.mark.parametrize("backend", bench_backends(DEVICE))
+def test_bits_fused(benchmark, fisher_state, backend):
+    bits = fisher_state["bits"].clone()
+    fisher, fisher_old = fisher_state["fisher"].clone(), fisher_state["fisher_old"].clone()
+    with bk.use_backend(backend), bk.value_checks(False):
+        run(benchmark, lambda: bk.update_bits_(bits, fisher, fisher_old, 1, MAX_BIT),
+            "update_bits/4M", backend, BITS_BYTES * N)
+
+
+def test_sync_copy(benchmark):
+    copy_same_bytes(benchmark, "sync/4M", SYNC_BYTES * N)
+
+
+def test_sync_unfused(benchmark, tensors):
+    w, prev = tensors["w"].clone(), tensors["prev"].clone()
+
+    def sync() -> None:
+        q = authors_quantize(w, tensors["bits"])
+        w.copy_(q)
+        prev.copy_(q)
+
+    run(benchmark, sync, "sync/4M", "unfused", SYNC_BYTES * N)
+
+
+@pytest.mark.parametrize("backend", bench_backends(DEVICE))
+def test_sync_fused(benchmark, tensors, backend):
+    w, prev = tensors["w"].clone(), tensors["prev"].clone()
+    with bk.use_backend(backend):
+        run(benchmark, lambda: bk.sync_(w, prev, tensors["bits"], BOUND),
+            "sync/4M", backend, SYNC_BYTES * N)
