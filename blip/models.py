@@ -28,6 +28,15 @@ def _check_classes(classes_per_task: Sequence[int]) -> list[int]:
     return classes
 
 
+def _check_conv_args(in_shape: Sequence[int], classes_per_task: Sequence[int],
+                     width: float) -> list[int]:
+    """The conv nets' shared argument checks; returns the classes per task."""
+    if len(in_shape) != 3:
+        raise ValueError(f"in_shape must be (channels, height, width); got {in_shape!r}")
+    _check_width(width)
+    return _check_classes(classes_per_task)
+
+
 def _check_width(width: float) -> None:
     if not (isinstance(width, (int, float)) and width > 0):
         raise ValueError(f"width must be a positive number; got {width!r}")
@@ -109,10 +118,7 @@ class AlexNet(MultiHead):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
-        if len(in_shape) != 3:
-            raise ValueError(f"in_shape must be (channels, height, width); got {in_shape!r}")
-        _check_width(width)
-        classes = _check_classes(classes_per_task)
+        classes = _check_conv_args(in_shape, classes_per_task, width)
         ch, size = int(in_shape[0]), int(in_shape[1])
         k1, k2 = max(size // 8, 1), max(size // 10, 1)
         c1, c2, c3 = (max(1, round(c * width)) for c in (64, 128, 256))
@@ -173,10 +179,7 @@ class ResNet18(MultiHead):
         width: float = 1.0,
     ) -> None:
         super().__init__()
-        if len(in_shape) != 3:
-            raise ValueError(f"in_shape must be (channels, height, width); got {in_shape!r}")
-        _check_width(width)
-        classes = _check_classes(classes_per_task)
+        classes = _check_conv_args(in_shape, classes_per_task, width)
         planes = [max(1, int(c * width)) for c in (64, 128, 256, 512)]
         self.conv1 = nn.Conv2d(int(in_shape[0]), planes[0], 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0], affine=False)
