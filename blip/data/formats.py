@@ -115,14 +115,27 @@ def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     try:
         from scipy.io import loadmat
     except ImportError as e:
-        raise DataFormatError(f"reading {path} needs scipy (pip install scipy)") from e
+        raise DataFormatError(f"reading {path} ({SVHN_FORMAT}) needs scipy "
+                              "(pip install scipy)") from e
     try:
         m = loadmat(str(path))
-        x = np.asarray(m["X"], dtype=np.uint8).transpose(3, 2, 0, 1)
-        y = np.asarray(m["y"], dtype=np.int64).reshape(-1) % 10
-    except Exception as e:
+    except Exception as e:  # scipy raises ValueError/TypeError/NotImplementedError (v7.3)...
         raise DataFormatError(f"cannot read {path}: {e!r} (expected {SVHN_FORMAT})") from e
-    return np.ascontiguousarray(x), y
+    if "X" not in m or "y" not in m:
+        keys = sorted(k for k in m if not k.startswith("__"))
+        raise DataFormatError(f"{path}: variables {keys} lack 'X'/'y' (expected {SVHN_FORMAT})")
+    x, y = np.asarray(m["X"]), np.asarray(m["y"])
+    numeric = all(np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+                  for a in (x, y))
+    if not numeric or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
+        raise DataFormatError(f"{path}: X shape {x.shape} ({x.dtype}) with {y.size} labels "
+                              f"(expected {SVHN_FORMAT})")
+    if x.dtype != np.uint8 and (x.size and (x.min() < 0 or x.max() > 255)):
+        raise DataFormatError(f"{path}: X values outside 0..255 (expected {SVHN_FORMAT})")
+    if y.size and (y.min() < 0 or y.max() > 10 or not np.array_equal(y, np.round(y))):
+        raise DataFormatError(f"{path}: labels not integers in 0..10 (expected {SVHN_FORMAT})")
+    x = x.astype(np.uint8, copy=False).transpose(3, 2, 0, 1)
+    return np.ascontiguousarray(x), y.astype(np.int64).reshape(-1) % 10
 
 
 def read_image_folder(
@@ -148,7 +161,8 @@ def read_image_folder(
     for label, c in enumerate(classes):
         cdir = root / c
         if not cdir.is_dir():
-            raise DataFormatError(f"missing class folder {cdir}")
+            raise DataFormatError(f"missing class folder {cdir} (expected root/<class>/<images> "
+                                  f"with classes {list(classes)})")
         for p in sorted(cdir.iterdir()):
             try:
                 with Image.open(p) as im:

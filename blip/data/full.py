@@ -62,6 +62,9 @@ def load_idx_dataset(data_dir: Path, name: str = "MNIST", download: bool = False
         x_path = F.find_file(dirs, [xi, xi + ".gz", xi.replace("-idx", ".idx")], F.IDX_FORMAT)
         y_path = F.find_file(dirs, [yi, yi + ".gz", yi.replace("-idx", ".idx")], F.IDX_FORMAT)
         x, y = F.read_idx_pair(x_path, y_path)
+        if y.size and y.max() > 9:
+            raise DataFormatError(f"{y_path}: labels up to {int(y.max())}, expected digits/classes "
+                                  f"0..9 ({F.IDX_FORMAT})")
         out += [torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y.astype(np.int64))]
     return tuple(out)
 
@@ -75,6 +78,10 @@ def load_cifar(data_dir: Path, which: int = 10, download: bool = False):
     parts = {}
     for split, files in (("train", train_files), ("test", test_files)):
         xs, ys = zip(*(F.read_cifar_batch(d / f) for f in files), strict=True)
+        for f, y in zip(files, ys, strict=True):
+            if y.size and (y.min() < 0 or y.max() >= which):
+                raise DataFormatError(f"{d / f}: labels {int(y.min())}..{int(y.max())}, expected "
+                                      f"0..{which - 1} for CIFAR-{which} ({F.CIFAR_FORMAT})")
         parts[split] = (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
     return (*parts["train"], *parts["test"])
 
@@ -153,8 +160,8 @@ def load_notmnist(data_dir: Path, seed: int = 0):
 
 
 def load_svhn(data_dir: Path, download: bool = False):
-    _ensure("SVHN", data_dir, download, [data_dir / "train_32x32.mat"])
     dirs = [data_dir, data_dir / "svhn", data_dir / "SVHN"]
+    _ensure("SVHN", data_dir, download, [d / "train_32x32.mat" for d in dirs])
     xtr, ytr = F.read_svhn_mat(F.find_file(dirs, ["train_32x32.mat"], F.SVHN_FORMAT))
     xte, yte = F.read_svhn_mat(F.find_file(dirs, ["test_32x32.mat"], F.SVHN_FORMAT))
     return (torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
@@ -199,45 +206,74 @@ MINI_FORMAT = (
 
 
 def _mini_arrays(d: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A mini-ImageNet pickle's dict -> (N x 3 x H x W uint8, labels 0..K-1)."""
     x = d.get("images", d.get("image_data", d.get("data")))
     if x is None:
-        raise DataFormatError(f"{path}: keys {sorted(d)} (expected {MINI_FORMAT})")
-    x = np.asarray(x, dtype=np.uint8)
-    if "labels" in d:
-        y = np.asarray(d["labels"], dtype=np.int64)
-    elif "class_dict" in d:
-        y = np.empty(len(x), dtype=np.int64)
-        for c, name in enumerate(sorted(d["class_dict"])):
-            y[np.asarray(d["class_dict"][name])] = c
-    else:
-        raise DataFormatError(f"{path}: no 'labels' or 'class_dict' (expected {MINI_FORMAT})")
-    if x.ndim != 4 or len(x) != len(y):
-        raise DataFormatError(f"{path}: images {x.shape}, {len(y)} labels ({MINI_FORMAT})")
+        raise DataFormatError(f"{path}: keys {sorted(map(str, d))} lack 'images'/'image_data' "
+                              f"(expected {MINI_FORMAT})")
+    try:
+        x = np.asarray(x)
+        if "labels" in d:
+            y = np.asarray(d["labels"])
+            if y.dtype.kind not in "iu":
+                raise ValueError(f"labels of dtype {y.dtype}, not integers")
+            y = y.astype(np.int64)
+        elif "class_dict" in d:
+            y = np.full(len(x), -1, dtype=np.int64)
+            for c, name in enumerate(sorted(d["class_dict"])):
+                y[np.asarray(d["class_dict"][name], dtype=np.int64)] = c
+        else:
+            raise DataFormatError(f"{path}: keys {sorted(map(str, d))} lack 'labels'/'class_dict' "
+                                  f"(expected {MINI_FORMAT})")
+    except (ValueError, TypeError, IndexError) as e:
+        raise DataFormatError(f"{path}: unreadable images/labels: {e} (expected {MINI_FORMAT})") \
+            from e
+    if x.dtype.kind not in "iu" or x.ndim != 4 or 3 not in (x.shape[1], x.shape[-1]):
+        raise DataFormatError(f"{path}: images of shape {x.shape} ({x.dtype}), expected "
+                              f"N x H x W x 3 integers ({MINI_FORMAT})")
+    if y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+        raise DataFormatError(f"{path}: images {x.shape} with labels {y.shape} ({MINI_FORMAT})")
+    if y.min() < 0:
+        raise DataFormatError(f"{path}: negative labels, or images in no class of 'class_dict' "
+                              f"({MINI_FORMAT})")
+    if x.dtype != np.uint8 and (x.min() < 0 or x.max() > 255):  # (a full pass: not for uint8)
+        raise DataFormatError(f"{path}: pixel values outside 0..255 ({MINI_FORMAT})")
     if x.shape[-1] == 3:
         x = x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x), y
+    return np.ascontiguousarray(x, dtype=np.uint8), y
+
+
+def _same_image_shape(parts: list[tuple[Path, np.ndarray]]) -> None:
+    shapes = {tuple(x.shape[1:]) for _, x in parts}
+    if len(shapes) > 1:
+        desc = ", ".join(f"{p}: {tuple(x.shape[1:])}" for p, x in parts)
+        raise DataFormatError(f"mini-ImageNet files disagree on the image shape ({desc}); "
+                              f"expected {MINI_FORMAT}")
 
 
 def load_miniimagenet(data_dir: Path, seed: int = 0):
     base = data_dir / "miniimagenet"
     for b in (base, data_dir):
         if (b / "train.pkl").is_file() or (b / "test.pkl").is_file():
-            xtr, ytr = _mini_arrays(F.read_pickle_arrays(b / "train.pkl", MINI_FORMAT),
-                                    b / "train.pkl")
-            xte, yte = _mini_arrays(F.read_pickle_arrays(b / "test.pkl", MINI_FORMAT),
-                                    b / "test.pkl")
+            ptr, pte = b / "train.pkl", b / "test.pkl"
+            xtr, ytr = _mini_arrays(F.read_pickle_arrays(ptr, MINI_FORMAT), ptr)
+            xte, yte = _mini_arrays(F.read_pickle_arrays(pte, MINI_FORMAT), pte)
+            _same_image_shape([(ptr, xtr), (pte, xte)])
             return xtr, ytr, xte, yte
     cache = [b / f"mini-imagenet-cache-{s}.pkl" for b in (base, data_dir)
              for s in ("train", "val", "test")]
-    if any(p.is_file() for p in cache):
-        root = cache[0].parent if cache[0].is_file() else cache[3].parent
-        xs, ys, off = [], [], 0
+    found = [p for p in cache if p.is_file()]
+    if found:
+        root = found[0].parent  # the folder holding the cache files (all three needed)
+        xs, ys, off, parts = [], [], 0, []
         for s in ("train", "val", "test"):  # 64 + 16 + 20 classes = the 100 classes
             p = root / f"mini-imagenet-cache-{s}.pkl"
             x, y = _mini_arrays(F.read_pickle_arrays(p, MINI_FORMAT), p)
+            parts.append((p, x))
             xs.append(x)
             ys.append(y + off)
             off += int(y.max()) + 1
+        _same_image_shape(parts)
         x, y = np.concatenate(xs), np.concatenate(ys)
     elif (base / "images").is_dir():
         x, y, _ = F.read_image_folder(base / "images", (84, 84), "RGB")
@@ -253,13 +289,18 @@ def load_miniimagenet(data_dir: Path, seed: int = 0):
 
 
 def miniimagenet(data_dir: Path, seed: int = 0, download: bool = False) -> TaskStream:
+    """20 tasks of 5 classes (classes 5t..5t+4), 10% of each task's train held out."""
     if download:
         raise DataFormatError("mini-ImageNet has no downloader here; place the files under "
                               f"{data_dir} ({MINI_FORMAT})")
     xtr, ytr, xte, yte = (torch.from_numpy(a) for a in load_miniimagenet(data_dir, seed))
-    n_cls = int(ytr.max()) + 1
-    if n_cls < 100:
-        raise DataFormatError(f"mini-ImageNet under {data_dir} has {n_cls} classes, expected 100")
+    present = set(ytr.unique().tolist())
+    if present != set(range(100)) or not set(yte.unique().tolist()) <= present:
+        missing = sorted(set(range(100)) - present)[:5]
+        raise DataFormatError(
+            f"mini-ImageNet under {data_dir} has training images for {len(present)} classes "
+            f"(labels {min(present)}..{max(present)}; missing e.g. {missing}); expected the 100 "
+            f"classes labelled 0..99 in train and test ({MINI_FORMAT})")
     tasks = []
     for t in range(20):
         lo = 5 * t
