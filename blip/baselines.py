@@ -132,17 +132,121 @@ FISHER_HPARAMS: dict[str, Any] = {
 }
 
 
+# -- quadratic penalties: how they are applied ---------------------------------------------
+
+
+PENALTY_STEPS = ("proximal", "gradient")
+PENALTY_HPARAMS: dict[str, Any] = {
+    "penalty_step": "proximal",  # "proximal" (stable for any stiffness) or "gradient"
+}
+
+
+class QuadraticPenaltyMethod(Method):
+    """Base of the methods whose penalty is ``strength · Σ_i w_i (θ_i − a_i)²``
+    (EWC, online EWC, SI, MAS, IMM-mode's L2 transfer). Subclasses define
+    :meth:`quadratic` (weights ``w`` and anchors ``a`` per parameter name) and
+    :attr:`strength`.
+
+    ``penalty_step="proximal"`` (default): the penalty stays out of the loss; after every
+    optimizer step each parameter moves to the exact minimiser of
+    ``‖θ − θ_step‖²/(2·lr) + strength·w(θ − a)²``, i.e. ``θ ← θ + k/(1+k)·(a − θ)`` with
+    ``k = 2·lr·strength·w``. Why: with SGD at the benchmarks' learning rates, SI's and
+    MAS's importances at their papers' strengths give ``k`` above 2, where the explicit
+    gradient step oscillates with growing amplitude and the run ends in NaN; the proximal
+    step is stable for any ``k``, has the same fixed points and agrees with the gradient
+    step to first order in ``lr``. ``"gradient"``: the penalty is added to the loss, as
+    the papers write it.
+    """
+
+    HPARAMS: ClassVar[dict[str, Any]] = {**Method.HPARAMS, **PENALTY_HPARAMS}
+
+    def __init__(self, model: nn.Module, **hparams: Any) -> None:
+        super().__init__(model, **hparams)
+        _check(self.hparams["penalty_step"] in PENALTY_STEPS,
+               f"method {self.name!r}: penalty_step must be one of {PENALTY_STEPS}; got "
+               f"{self.hparams['penalty_step']!r}")
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._coef_key: tuple | None = None  # (lrs, version) the cache is for
+        self._coef: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        self._version = 0  # bumped whenever weights/anchors change
+
+    @property
+    def strength(self) -> float:
+        raise NotImplementedError
+
+    def quadratic(self) -> tuple[Params, Params]:
+        """Per-parameter weights and anchors of the penalty (empty before the first task)."""
+        raise NotImplementedError
+
+    def _changed(self) -> None:
+        """Call after changing the weights or anchors: invalidates the proximal cache."""
+        self._version += 1
+
+    def penalty(self) -> Tensor:
+        weight, anchor = self.quadratic()
+        return self.strength * _quadratic(self.model, weight, anchor)
+
+    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
+        loss = F.cross_entropy(model(x, task), y)
+        if self.hparams["penalty_step"] == "gradient" and self.quadratic()[0]:
+            return loss + self.penalty()
+        return loss
+
+    def make_optimizer(self, task: int, lr: float) -> torch.optim.Optimizer:
+        self._optimizer = super().make_optimizer(task, lr)
+        return self._optimizer
+
+    def after_step(self, task: int) -> None:
+        if self.hparams["penalty_step"] == "proximal":
+            self.proximal_step()
+
+    def proximal_step(self) -> None:
+        """θ ← θ + k/(1+k)·(a − θ) for every penalised parameter, at the optimizer's lr."""
+        weight, anchor = self.quadratic()
+        if not weight:
+            return
+        if self._optimizer is None:
+            raise RuntimeError(f"method {self.name!r}: the proximal penalty step needs the "
+                               f"learning rate; build the optimizer with make_optimizer()")
+        groups = self._optimizer.param_groups
+        lrs = {id(p): g["lr"] for g in groups for p in g["params"]}
+        key = (id(self._optimizer), tuple(g["lr"] for g in groups), self._version)
+        if key != self._coef_key:  # the lr schedule or the penalty changed
+            params, coefs, anchors = [], [], []
+            for n, p in self.model.named_parameters():
+                if n in weight and id(p) in lrs:
+                    k = (2 * lrs[id(p)] * self.strength) * weight[n]
+                    params.append(p)
+                    coefs.append((k / (1 + k)).expand_as(p).contiguous())
+                    anchors.append(anchor[n])
+            self._coef, self._coef_key = (params, coefs, anchors), key
+        params, coefs, anchors = self._coef
+        with torch.no_grad():
+            delta = torch._foreach_sub(anchors, params)
+            torch._foreach_mul_(delta, coefs)
+            torch._foreach_add_(params, delta)
+
+
+def _weighted_anchor(f_old: Tensor, a_old: Tensor, f_new: Tensor, a_new: Tensor) -> Tensor:
+    """Anchor of ``f_old(θ−a_old)² + f_new(θ−a_new)²`` (same θ-gradient, up to a constant)."""
+    total = f_old + f_new
+    merged = (f_old * a_old + f_new * a_new) / total.clamp_min(1e-38)
+    return torch.where(total > 0, merged, a_new)
+
+
 # -- EWC and online EWC --------------------------------------------------------------------
 
 
 @register
-class EWC(Method):
-    """EWC (Kirkpatrick et al. 2017): one Fisher and one anchor per finished task;
-    penalty ``λ/2 · Σ_k Σ_i F_k,i (θ_i − θ*_k,i)²``."""
+class EWC(QuadraticPenaltyMethod):
+    """EWC (Kirkpatrick et al. 2017): penalty ``λ/2 · Σ_k Σ_i F_k,i (θ_i − θ*_k,i)²`` over
+    the finished tasks ``k``, kept in its summed form ``λ/2 · Σ_i F_i (θ_i − θ̄_i)²`` with
+    ``F = Σ_k F_k`` and ``θ̄ = Σ_k F_k θ*_k / F`` (the same gradient, so the same training,
+    at constant memory and one term per parameter instead of one per task)."""
 
     name = "ewc"
     HPARAMS: ClassVar[dict[str, Any]] = {
-        **Method.HPARAMS,
+        **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 5000.0,  # λ, penalty strength (the BLIP/HAT authors' EWC baseline value)
         **FISHER_HPARAMS,
     }
@@ -152,43 +256,51 @@ class EWC(Method):
         _nonneg(self.name, self.hparams, "lamb")
         _pos_int(self.name, self.hparams, "fisher_batches", "fisher_batch_size")
         _seed_ok(self.name, self.hparams)
-        self.fishers: list[Params] = []
-        self.anchors: list[Params] = []
+        self.fisher: Params = {}  # Σ_k F_k
+        self.anchor: Params = {}  # Fisher-weighted mean of the task anchors
+        self.tasks = 0
 
-    def penalty(self) -> Tensor:
-        total = sum((_quadratic(self.model, f, a)
-                     for f, a in zip(self.fishers, self.anchors, strict=True)),
-                    torch.zeros((), device=next(self.model.parameters()).device))
-        return 0.5 * self.hparams["lamb"] * total
+    @property
+    def strength(self) -> float:
+        return 0.5 * self.hparams["lamb"]
 
-    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
-        loss = F.cross_entropy(model(x, task), y)
-        return loss + self.penalty() if self.fishers else loss
+    def quadratic(self) -> tuple[Params, Params]:
+        return self.fisher, self.anchor
+
+    def absorb(self, fisher: Params, anchor: Params) -> None:
+        """Add one finished task's term ``F_k (θ − θ*_k)²`` to the summed penalty."""
+        for n, f in fisher.items():
+            if n in self.fisher:
+                self.anchor[n] = _weighted_anchor(self.fisher[n], self.anchor[n], f, anchor[n])
+                self.fisher[n] = self.fisher[n] + f
+            else:
+                self.fisher[n], self.anchor[n] = f, anchor[n]
+        self.tasks += 1
+        self._changed()
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
         fisher, stats = _task_fisher(self, task, train_x)
-        self.fishers.append(fisher)
-        self.anchors.append(_snapshot(self.model, fisher))
+        self.absorb(fisher, _snapshot(self.model, fisher))
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fishers": self.fishers, "anchors": self.anchors}
+        return {"fisher": self.fisher, "anchor": self.anchor, "tasks": self.tasks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["fishers"]) != len(state["anchors"]):
-            raise ValueError("load_state_dict: 'fishers' and 'anchors' differ in length")
-        self.fishers = [_load_params(f, self.model, "fishers") for f in state["fishers"]]
-        self.anchors = [_load_params(a, self.model, "anchors") for a in state["anchors"]]
+        self.fisher = _load_params(state["fisher"], self.model, "fisher")
+        self.anchor = _load_params(state["anchor"], self.model, "anchor")
+        self.tasks = int(state["tasks"])
+        self._changed()
 
 
 @register
-class OnlineEWC(Method):
+class OnlineEWC(QuadraticPenaltyMethod):
     """Online EWC (Schwarz et al. 2018): one running Fisher ``F ← γF + F_t`` and the
     latest anchor; penalty ``λ/2 · Σ_i F_i (θ_i − θ*_i)²``."""
 
     name = "online-ewc"
     HPARAMS: ClassVar[dict[str, Any]] = {
-        **Method.HPARAMS,
+        **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 5000.0,  # λ, penalty strength (as our EWC, so the two compare directly)
         "gamma": 1.0,  # γ, decay of the running Fisher per task (1: no forgetting)
         **FISHER_HPARAMS,
@@ -202,12 +314,12 @@ class OnlineEWC(Method):
         self.fisher: Params = {}
         self.anchor: Params = {}
 
-    def penalty(self) -> Tensor:
-        return 0.5 * self.hparams["lamb"] * _quadratic(self.model, self.fisher, self.anchor)
+    @property
+    def strength(self) -> float:
+        return 0.5 * self.hparams["lamb"]
 
-    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
-        loss = F.cross_entropy(model(x, task), y)
-        return loss + self.penalty() if self.fisher else loss
+    def quadratic(self) -> tuple[Params, Params]:
+        return self.fisher, self.anchor
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
         new, stats = _task_fisher(self, task, train_x)
@@ -215,6 +327,7 @@ class OnlineEWC(Method):
         self.fisher = {n: g * self.fisher[n] + f if n in self.fisher else f
                        for n, f in new.items()}
         self.anchor = _snapshot(self.model, self.fisher)
+        self._changed()
         return stats
 
     def state_dict(self) -> dict[str, Any]:
@@ -223,13 +336,14 @@ class OnlineEWC(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fisher = _load_params(state["fisher"], self.model, "fisher")
         self.anchor = _load_params(state["anchor"], self.model, "anchor")
+        self._changed()
 
 
 # -- SI -------------------------------------------------------------------------------------
 
 
 @register
-class SI(Method):
+class SI(QuadraticPenaltyMethod):
     """Synaptic Intelligence (Zenke et al. 2017).
 
     During a task, ``ω_i += −g_i·Δθ_i`` every step, with ``g`` the gradient of the
@@ -243,7 +357,7 @@ class SI(Method):
 
     name = "si"
     HPARAMS: ClassVar[dict[str, Any]] = {
-        **Method.HPARAMS,
+        **QuadraticPenaltyMethod.HPARAMS,
         "c": 0.1,  # c, penalty strength (Zenke et al.'s permuted-MNIST/CIFAR value)
         "xi": 1e-3,  # ξ, damping of the normalisation by the squared total displacement
     }
@@ -260,12 +374,12 @@ class SI(Method):
         self._grad: Params = {}  # unregularised gradient of the current step
         self._before: Params = {}  # θ before the current step
 
-    def penalty(self) -> Tensor:
-        return self.hparams["c"] * _quadratic(self.model, self.omega_total, self.anchor)
+    @property
+    def strength(self) -> float:
+        return self.hparams["c"]
 
-    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
-        loss = F.cross_entropy(model(x, task), y)
-        return loss + self.penalty() if self.omega_total else loss
+    def quadratic(self) -> tuple[Params, Params]:
+        return self.omega_total, self.anchor
 
     def before_task(self, task: int) -> None:
         self.start = _snapshot(self.model)
@@ -275,18 +389,20 @@ class SI(Method):
         if not self.start:
             raise RuntimeError("method 'si': call before_task() before training")
         c = self.hparams["c"]
+        gradient_form = self.hparams["penalty_step"] == "gradient"
         self._grad, self._before = {}, {}
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 if p.grad is None:
                     continue
                 g = p.grad.detach().clone()
-                if n in self.omega_total:  # d/dθ of c·Ω(θ−θ*)²
+                if gradient_form and n in self.omega_total:  # d/dθ of c·Ω(θ−θ*)²
                     g -= 2 * c * self.omega_total[n] * (p - self.anchor[n])
                 self._grad[n] = g
                 self._before[n] = p.detach().clone()
 
     def after_step(self, task: int) -> None:
+        super().after_step(task)  # the proximal penalty step, part of this step's Δθ
         with torch.no_grad():
             params = dict(self.model.named_parameters())
             for n, g in self._grad.items():
@@ -303,6 +419,7 @@ class SI(Method):
             self.omega_total[n] = self.omega_total[n] + new if n in self.omega_total else new
         self.anchor = end
         self.path, self.start = {}, {}
+        self._changed()
         return {"importance_mean": float(torch.cat([o.flatten() for o in
                                                     self.omega_total.values()]).mean())}
 
@@ -315,6 +432,7 @@ class SI(Method):
         self.anchor = _load_params(state["anchor"], self.model, "anchor")
         self.path = _load_params(state.get("path", {}), self.model, "path")
         self.start = _load_params(state.get("start", {}), self.model, "start")
+        self._changed()
 
 
 # -- MAS ------------------------------------------------------------------------------------
@@ -351,14 +469,14 @@ def mas_importance(model: nn.Module, x: Tensor, task: int, chunk: int = 64) -> P
 
 
 @register
-class MAS(Method):
+class MAS(QuadraticPenaltyMethod):
     """Memory Aware Synapses (Aljundi et al. 2018): importance
     ``Ω_t = mean_n |∂‖f(x_n)‖²/∂θ|`` over the task's data (per-sample, as the paper),
     summed over tasks; anchor = θ after the last task; penalty ``λ Σ Ω (θ − θ*)²``."""
 
     name = "mas"
     HPARAMS: ClassVar[dict[str, Any]] = {
-        **Method.HPARAMS,
+        **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 1.0,  # λ, penalty strength (the paper's value)
         "max_samples": None,  # samples used for Ω (None: all the trainer passes, <= 20000)
         "chunk": 64,  # samples per vectorised per-sample-gradient pass (memory knob)
@@ -375,12 +493,12 @@ class MAS(Method):
         self.omega: Params = {}
         self.anchor: Params = {}
 
-    def penalty(self) -> Tensor:
-        return self.hparams["lamb"] * _quadratic(self.model, self.omega, self.anchor)
+    @property
+    def strength(self) -> float:
+        return self.hparams["lamb"]
 
-    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
-        loss = F.cross_entropy(model(x, task), y)
-        return loss + self.penalty() if self.omega else loss
+    def quadratic(self) -> tuple[Params, Params]:
+        return self.omega, self.anchor
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
         m = self.hparams["max_samples"]
@@ -391,6 +509,7 @@ class MAS(Method):
         new = mas_importance(self.model, x, task, self.hparams["chunk"])
         self.omega = {n: self.omega[n] + o if n in self.omega else o for n, o in new.items()}
         self.anchor = _snapshot(self.model, self.omega)
+        self._changed()
         return {"importance_samples": int(x.shape[0])}
 
     def state_dict(self) -> dict[str, Any]:
@@ -399,13 +518,14 @@ class MAS(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.omega = _load_params(state["omega"], self.model, "omega")
         self.anchor = _load_params(state["anchor"], self.model, "anchor")
+        self._changed()
 
 
 # -- IMM (mode) -----------------------------------------------------------------------------
 
 
 @register
-class IMMMode(Method):
+class IMMMode(QuadraticPenaltyMethod):
     """Mode-IMM (Lee et al. 2017) as the BLIP authors' mini-ImageNet baseline: train
     each task from the previous (merged) model (weight transfer) with the L2-transfer
     penalty ``λ/2 · Σ (θ − θ_prev)²``; after the task, merge
@@ -422,7 +542,7 @@ class IMMMode(Method):
 
     name = "imm-mode"
     HPARAMS: ClassVar[dict[str, Any]] = {
-        **Method.HPARAMS,
+        **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 0.01,  # λ of the L2-transfer penalty (the authors' script default)
         **FISHER_HPARAMS,
     }
@@ -435,13 +555,13 @@ class IMMMode(Method):
         self.fisher: Params = {}  # Σ of the finished tasks' Fishers
         self.prev: Params = {}  # merged model after the last task (all parameters)
 
-    def penalty(self) -> Tensor:
-        ones = {n: torch.ones((), device=p.device) for n, p in self.prev.items()}
-        return 0.5 * self.hparams["lamb"] * _quadratic(self.model, ones, self.prev)
+    @property
+    def strength(self) -> float:
+        return 0.5 * self.hparams["lamb"]
 
-    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
-        loss = F.cross_entropy(model(x, task), y)
-        return loss + self.penalty() if self.prev else loss
+    def quadratic(self) -> tuple[Params, Params]:
+        ones = {n: torch.ones((), device=p.device) for n, p in self.prev.items()}
+        return ones, self.prev
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
         new, stats = _task_fisher(self, task, train_x)
@@ -460,6 +580,7 @@ class IMMMode(Method):
         else:
             self.fisher = new
         self.prev = _snapshot(self.model)
+        self._changed()
         return {**stats, "merged": task > 0}
 
     def state_dict(self) -> dict[str, Any]:
@@ -468,6 +589,7 @@ class IMMMode(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fisher = _load_params(state["fisher"], self.model, "fisher")
         self.prev = _load_params(state["prev"], self.model, "prev")
+        self._changed()
 
 
 # -- LwF ------------------------------------------------------------------------------------
@@ -643,5 +765,5 @@ class AGEM(Method):
         self.mem_y = [y.detach().clone().to(device) for y in state["mem_y"]]
 
 
-__all__ = ["AGEM", "EWC", "IMMMode", "LwF", "MAS", "OnlineEWC", "SI", "distillation_loss",
-           "mas_importance"]
+__all__ = ["AGEM", "EWC", "IMMMode", "LwF", "MAS", "OnlineEWC", "QuadraticPenaltyMethod", "SI",
+           "distillation_loss", "mas_importance"]

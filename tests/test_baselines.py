@@ -96,6 +96,9 @@ def test_state_round_trips_through_a_checkpoint(name: str) -> None:
     for task in (2, 1):
         assert torch.equal(method.training_loss(model, x, y, task),
                            method2.training_loss(model2, x, y, task))
+    if hasattr(method, "penalty"):
+        assert method.penalty().item() > 0  # the parameters moved since the anchor
+        assert torch.equal(method.penalty(), method2.penalty())
     if name == "agem":
         assert torch.equal(method.memory_loss(model), method2.memory_loss(model2))
     if name == "si":
@@ -167,7 +170,7 @@ def test_fisher_is_the_per_sample_true_fisher(name: str) -> None:
     x, y = _data(1, n=30, shape=(1, 4, 4))  # 3 batches of 7 out of 30: subset drawn
     expect = _brute_fisher(copy.deepcopy(model), x, 1, 5, 3, 7)
     stats = method.after_task(1, x, y)
-    got = {"ewc": lambda: method.fishers[0]}.get(name, lambda: method.fisher)()
+    got = method.fisher
     assert stats["fisher_samples"] == 21 and stats["unregularised"] == []
     assert got.keys() == expect.keys()
     for n in expect:
@@ -209,22 +212,97 @@ def test_ewc_penalty_zero_at_anchor_and_grows(name: str) -> None:
     assert 0 < values[0] < values[1] < values[2]
     # quadratic: λ/2 Σ F (εd)² scales as ε²
     assert values[2] / values[1] == pytest.approx(100, rel=1e-3)
-    fisher = method.fishers[0] if name == "ewc" else method.fisher
+    fisher = method.fisher
     direct = 0.5 * method.hparams["lamb"] * sum((fisher[n] * (0.1 * d[n]) ** 2).sum()
                                                 for n in fisher)
     assert values[2] == pytest.approx(float(direct), rel=1e-5)
 
 
-def test_ewc_keeps_one_fisher_per_task_online_ewc_one_running() -> None:
-    ewc, online = _fresh("ewc", _mlp(), seed=1), _fresh("online-ewc", _mlp(), seed=1, gamma=0.5)
-    for t in range(2):
-        _train(ewc, t, *_data(t))
-        _train(online, t, *_data(t))
-    assert len(ewc.fishers) == 2 and len(ewc.anchors) == 2
-    # same init, data and seeds: online's running Fisher is γ·F_0 + F_1 of its own run
-    assert set(online.fisher) == set(ewc.fishers[0])
+def test_ewc_summed_penalty_has_the_per_task_gradient() -> None:
+    """EWC keeps Σ_k F_k(θ−θ*_k)² as F(θ−θ̄)²: same gradient, constant memory."""
+    model = _mlp()
+    ewc = _fresh("ewc", model)
+    names = [n for n, _ in model.named_parameters()]
+    terms = []
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        f = {n: torch.rand(p.shape, generator=g) * (torch.rand(p.shape, generator=g) > 0.3)
+             for n, p in model.named_parameters()}
+        a = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+        terms.append((f, a))
+        ewc.absorb(f, a)
+    assert ewc.tasks == 3 and set(ewc.fisher) == set(names)
+    params = list(model.parameters())
+    got = torch.autograd.grad(ewc.penalty(), params)
+    direct = 0.5 * ewc.hparams["lamb"] * sum(
+        sum((f[n] * (p - a[n]).pow(2)).sum() for n, p in model.named_parameters())
+        for f, a in terms)
+    expect = torch.autograd.grad(direct, params)
+    for u, v in zip(got, expect, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-3)
+    assert ewc.extra_state_bytes() == 2 * 4 * sum(p.numel() for p in params)
+
+
+def test_online_ewc_keeps_one_running_fisher() -> None:
+    online = _fresh("online-ewc", _mlp(), seed=1, gamma=0.5)
+    _train(online, 0, *_data(0))
+    f0 = {n: f.clone() for n, f in online.fisher.items()}
+    x1, y1 = _data(1)
+    _train(online, 1, x1, y1, finish=False)
+    model = online.model
+    f1, _ = true_fisher(copy.deepcopy(model), [(n, m) for n, m in model.named_modules()
+                                               if isinstance(m, nn.Linear)],
+                        x1, lambda v, m=model: m(v, 1),
+                        generator=torch.Generator().manual_seed(1 * 100003 + 1))
+    online.after_task(1, x1, y1)
+    for n in f0:
+        torch.testing.assert_close(online.fisher[n], 0.5 * f0[n] + f1[n])
     assert all(torch.equal(online.anchor[n], p.detach())
                for n, p in online.model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["ewc", "si", "mas", "imm-mode"])
+def test_proximal_penalty_step_is_stable_and_first_order_exact(name: str) -> None:
+    """The proximal step minimises ‖θ−θ_sgd‖²/(2lr) + penalty: it never overshoots the
+    anchor (stable for any stiffness) and matches the gradient step for a small lr."""
+    model = _mlp()
+    method = _fresh(name, model)
+    _train(method, 0, *_data(0))
+    weight, anchor = method.quadratic()
+    for w in weight.values():  # a stiffness far beyond the explicit step's limit of 2
+        w.fill_(1e6) if w.dim() else None
+    method._changed()
+    method.hparams["lamb" if name != "si" else "c"] = 1e6
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method.make_optimizer(1, 0.1)
+    method.proximal_step()
+    for n, p in model.named_parameters():
+        if n in weight:
+            gap, new_gap = (before[n] - anchor[n]).abs(), (p.detach() - anchor[n]).abs()
+            assert (new_gap <= gap + 1e-6).all(), n  # contracts towards the anchor
+            assert torch.isfinite(p).all()
+    # small k = 2·lr·strength·w: the proximal step is θ − lr·∇penalty up to O(k)
+    model = _mlp()
+    method = _fresh(name, model)
+    _train(method, 0, *_data(0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    lr = 1e-3
+    method.make_optimizer(1, lr)
+    k_max = max(float(w.max()) for w in method.quadratic()[0].values()) * 2 * lr * \
+        method.strength
+    assert 0 < k_max < 0.05
+    grads = torch.autograd.grad(method.penalty(), list(model.parameters()), allow_unused=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    method.proximal_step()
+    for p, b, g in zip(model.parameters(), before, grads, strict=True):
+        expect = torch.zeros_like(p) if g is None else -lr * g
+        torch.testing.assert_close(p.detach() - b, expect, rtol=k_max, atol=1e-6)
 
 
 def test_imm_mode_merges_with_fisher_weights() -> None:
