@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import blip
 import blip_kernels
@@ -243,6 +245,43 @@ def test_constrained_sgd_counts_nonfinite_and_validates() -> None:
 # -- frozen bits ---------------------------------------------------------------------------
 
 
+
+
+def test_constrained_sgd_keeps_step_hooks_profiler_label_and_lr_scheduler() -> None:
+    """The step skips torch's hook/profiler wrapper only when nothing listens."""
+    layer = QuantLinear(4, 3)
+    model = nn.Sequential(layer)
+    opt = ConstrainedSGD(model, lr=0.1)
+    calls: list[str] = []
+
+    def set_grads() -> None:
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+
+    pre = opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    post = opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    glob = register_optimizer_step_post_hook(lambda o, a, k: calls.append("global"))
+    try:
+        set_grads()
+        opt.step()
+        assert calls == ["pre", "post", "global"]
+    finally:
+        pre.remove(), post.remove(), glob.remove()
+    calls.clear()
+    set_grads()
+    opt.step()
+    assert calls == []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        set_grads()
+        opt.step()
+    assert any(e.name == "Optimizer.step#ConstrainedSGD.step" for e in prof.events())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()"
+        set_grads()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 def _task_data(seed: int, n: int = 256, d: int = 16, classes: int = 3):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
