@@ -12,6 +12,9 @@ Trainer protocol, per run::
             opt.zero_grad(); loss.backward()
             method.after_backward(task)                      # e.g. project or mask grads
             opt.step(); method.after_step(task)
+        ... per evaluation of a task u (each epoch's validation; after after_task, the tests):
+            with method.eval_context(u):             # e.g. apply task u's mask
+                logits = model(x, u)
         stats = method.after_task(task, train_x, train_y)
     method.state_dict() / load_state_dict()       # beside model.state_dict() in checkpoints
 
@@ -21,6 +24,7 @@ hyper-parameters with defaults), decorate with :func:`register`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, ClassVar
 
@@ -88,6 +92,10 @@ class Method:
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
         return {}
+
+    def eval_context(self, task: int) -> contextlib.AbstractContextManager[Any]:
+        """Entered around the forward passes that evaluate task ``task``."""
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -249,3 +257,4 @@ __all__ = ["BLIPMethod", "Finetune", "Freeze", "METHODS", "Method", "make_method
 # Registers the baseline methods (ewc, online-ewc, si, mas, imm-mode, lwf, agem); last,
 # because blip.baselines imports Method and register from here.
 from . import baselines as _baselines  # noqa: E402,F401
+from . import isolation as _isolation  # noqa: E402,F401  (hat, packnet)

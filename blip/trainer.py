@@ -12,11 +12,12 @@ process did before, so a run resumed from a checkpoint ends with the same accura
 matrix as an uninterrupted one.
 
 The trainer knows nothing of any method's internals: it calls the Method hooks
-(`prepare`, `make_optimizer`, `before_task`, `after_step`, `after_task`).
+(`prepare`, `make_optimizer`, `before_task`, `after_step`, `after_task`, `eval_context`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -216,14 +217,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, net: nn.Module, task: TaskData, t: int, split: str = "test",
-                 batch: int = 1024) -> tuple[float, float]:
+                 batch: int = 1024, method: Any = None) -> tuple[float, float]:
         x_all, y_all = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
         net.eval()
         loss_sum, correct = 0.0, 0
         for i in range(0, len(y_all), batch):
             x = task.inputs(x_all[i:i + batch].to(self.device, non_blocking=True))
             y = y_all[i:i + batch].to(self.device, non_blocking=True)
-            out = net(x, t)
+            # the method may evaluate task t differently (e.g. with task t's mask)
+            with method.eval_context(t) if method is not None else contextlib.nullcontext():
+                out = net(x, t)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
         n = max(len(y_all), 1)
@@ -259,7 +262,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             step_time += time.perf_counter() - t0
             epochs_run += 1
-            val_loss, val_acc = self.evaluate(net, task, t, "valid")
+            val_loss, val_acc = self.evaluate(net, task, t, "valid", method=method)
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(net.state_dict())
@@ -406,7 +409,7 @@ class Trainer:
             del fx, fy
             t2 = time.perf_counter()
             for u in range(t + 1):
-                state["acc"][t, u] = self.evaluate(net, stream[u], u)[1]
+                state["acc"][t, u] = self.evaluate(net, stream[u], u, method=method)[1]
             t3 = time.perf_counter()
             hist, cap = self._bits_stats(net)
             stats = {k: v for k, v in stats.items() if k not in ("bits_histogram", "capacity")}
