@@ -33,3 +33,12 @@ def backend(request: pytest.FixtureRequest):
     name, device = request.param
     with blip_kernels.use_backend(name):
         yield device
+
+
+@pytest.fixture(scope="module")
+def pdigits3():
+    """The first three tasks of the embedded default stream."""
+    pytest.importorskip("sklearn")
+    from blip.data import load_benchmark
+
+    return load_benchmark("pdigits", seed=0).truncated(3)

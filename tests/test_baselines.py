@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import run_killed_then_resumed
 from torch import Tensor, nn
 
 from blip.baselines import distillation_loss
@@ -479,37 +480,14 @@ def test_agem_projection_never_opposes_the_memory_gradient() -> None:
 # -- end to end -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stream():
-    pytest.importorskip("sklearn")
-    from blip.data import load_benchmark
-
-    return load_benchmark("pdigits", seed=0).truncated(3)
-
-
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("name", BASELINES)
-def test_trainer_runs_and_resumes(name: str, stream, tmp_path: Path) -> None:
-    from blip.trainer import TrainConfig, Trainer
+def test_trainer_runs_and_resumes(name: str, pdigits3, tmp_path: Path) -> None:
+    from blip.trainer import TrainConfig
 
     cfg = TrainConfig.from_preset("pdigits", method=name, n_tasks=3, epochs=3, batch_size=64,
                                   threads=1)
-    full = Trainer(cfg, tmp_path / "full", quiet=True, plots=False, stream=stream).run()
+    full, resumed = run_killed_then_resumed(cfg, pdigits3, tmp_path)
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
     assert saved["complete"] and saved["method"] == name and saved["acc"] > 0.5
     assert (tmp_path / "full" / "checkpoint.pt").is_file()
-
-    class Crashing(Trainer):
-        def train_task(self, net, method, task, t):  # dies before the last task
-            if t == 2:
-                raise _Crash
-            return super().train_task(net, method, task, t)
-
-    with pytest.raises(_Crash):
-        Crashing(cfg, tmp_path / "cut", quiet=True, plots=False, stream=stream).run()
-    resumed = Trainer(cfg, tmp_path / "cut", quiet=True, plots=False, stream=stream).run(
-        resume=True)
     assert resumed["acc_matrix"] == full["acc_matrix"]
