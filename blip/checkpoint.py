@@ -75,3 +75,27 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"checkpoint {path} is unreadable ({e}); delete it, or run without "
                          "--resume to start over") from e
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], keys: Any, path: Path) -> None:
+    """Refuse to resume ``path`` when a setting in ``keys`` differs from the checkpoint's."""
+    diff = [k for k in keys if saved.get(k) != now.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+                           for k in diff)
+        raise ValueError(f"cannot resume {path}: settings differ ({detail})")
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tensors, numpy scalars and tuples turned into JSON types (others: repr)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return repr(obj)

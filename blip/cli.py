@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
     t.add_argument("--method", default="blip",
                    help="blip (default), finetune, freeze, ewc, online-ewc, si, mas, imm-mode, "
-                   "lwf, agem")
+                   "lwf, agem, hat, packnet")
     t.add_argument("--model", choices=["mlp", "alexnet", "resnet18"], default=None)
     t.add_argument("--epochs", type=int, help="epoch budget per task")
     t.add_argument("--lr", type=float, help="initial learning rate")
@@ -68,6 +68,36 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-plots", action="store_true")
 
     sub.add_parser("presets", help="print the per-benchmark presets")
+
+    rl = sub.add_parser("rl", help="continual RL: PPO on a sequence of Atari/MinAtar games",
+                        description="Learn a suite's games in sequence with PPO and a "
+                        "continual-learning method; writes a run directory with the reward "
+                        "matrix, plots and GIFs. With --compare: a table of finished runs.")
+    rl.add_argument("--suite", default="minatar5", choices=["atari6", "minatar5"])
+    rl.add_argument("--method", default="blip", choices=["blip", "ewc", "finetune", "freeze"])
+    rl.add_argument("--steps", type=int, help="env steps per game (default: 10M atari6, "
+                    "1M minatar5)")
+    rl.add_argument("--envs", type=int, default=16, help="parallel envs (default 16)")
+    rl.add_argument("--n-steps", type=int, default=125, help="steps per env and rollout")
+    rl.add_argument("--games", type=int, help="learn only the first N games")
+    rl.add_argument("--lr", type=float, default=2.5e-4)
+    rl.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float, default=5e-18)
+    rl.add_argument("--lamb", type=float, default=5000.0, help="EWC's lambda")
+    rl.add_argument("--eval-episodes", type=int, default=8, help="episodes per game and eval")
+    rl.add_argument("--eval-max-steps", type=int, help="cap of an eval episode, agent steps")
+    rl.add_argument("--gif-frames", type=int, default=60, help="frames per GIF clip (0: none)")
+    rl.add_argument("--checkpoint-every", type=int, default=50, help="updates between "
+                    "mid-game checkpoints (0: only after each game)")
+    rl.add_argument("--seed", type=int, default=0)
+    rl.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    rl.add_argument("--threads", type=int, help="torch threads and ALE worker threads")
+    rl.add_argument("--out", help="run directory (default runs/rl-<suite>-<method>-seed<k>)")
+    rl.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    rl.add_argument("--no-plots", action="store_true")
+    rl.add_argument("--quiet", action="store_true")
+    rl.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                    help="instead of training: compare finished runs (table; with --out, "
+                    "also OUT/compare.md and OUT/compare.png)")
     return p
 
 
@@ -105,6 +135,25 @@ def _compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rl(a: argparse.Namespace) -> int:
+    from .rl.ppo import PPOConfig
+    from .rl.report import compare_runs
+    from .rl.runner import RLConfig, run_rl
+
+    if a.compare:
+        print(compare_runs(a.compare, a.out, plots=not a.no_plots))
+        return 0
+    cfg = RLConfig(
+        suite=a.suite, method=a.method, steps=a.steps, envs=a.envs, games=a.games, seed=a.seed,
+        device=a.device, threads=a.threads, F_prior=a.F_prior, lamb=a.lamb,
+        eval_episodes=a.eval_episodes, eval_max_steps=a.eval_max_steps,
+        gif_frames=a.gif_frames, checkpoint_every=a.checkpoint_every,
+        ppo=PPOConfig(lr=a.lr, n_steps=a.n_steps),
+    )
+    run_rl(cfg, a.out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataFormatError
 
@@ -122,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(report(a.runs))
             return 0
+        if a.command == "rl":
+            return _rl(a)
         if a.command == "presets":
             from .presets import PRESETS
 

@@ -418,7 +418,7 @@ class Trainer:
                 "train_seconds": t1 - t0, "end_task_seconds": t2 - t1,
                 "eval_seconds": t3 - t2, "seconds": t3 - t0,
                 "capacity": {k: float(v) for k, v in (cap or {}).items()},
-                "method_stats": _jsonable(stats),
+                "method_stats": ckpt.jsonable(stats),
                 # memory the method keeps beyond the model's weights, per weight
                 "extra_bytes_per_param": method.extra_state_bytes() / n_params,
             }
@@ -448,27 +448,9 @@ class Trainer:
                  f"time {results['total_seconds']:.1f}s  -> {self.out}")
         return results
 
-    def _check_compatible(self, saved: dict) -> None:
-        now = self.cfg.to_dict()
-        diff = [k for k in TrainConfig.RESULT_KEYS if saved.get(k) != now.get(k)]
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
-                               for k in diff)
-            raise ValueError(f"cannot resume {self.out / CHECKPOINT}: settings differ ({detail})")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if isinstance(obj, (int, float, str, bool)) or obj is None:
-        return obj
-    return repr(obj)
+    def _check_compatible(self, saved: dict[str, Any]) -> None:
+        ckpt.check_resumable(saved, self.cfg.to_dict(), TrainConfig.RESULT_KEYS,
+                             self.out / CHECKPOINT)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:

@@ -1,0 +1,282 @@
+"""Vectorised game suites for continual RL: Atari (ale-py) and MinAtar.
+
+Every suite exposes the same small interface (:class:`VecEnv`): ``reset()`` returns
+uint8 observations ``(N, C, H, W)``; ``step(actions)`` returns the next
+observations (already reset where an episode ended: "same-step" autoreset), the
+*raw* reward, ``done`` (the bootstrap cut PPO uses: game over, time limit, and on
+Atari also a lost life) and ``episode_over`` (a real end of game). Raw returns of
+finished episodes are collected in ``finished`` (drained by the caller); learning
+uses ``sign(reward)`` (reward clipping), evaluation the raw scores.
+
+* ``atari6``: KungFuMaster, Boxing, Jamesbond, Krull, Riverraid, SpaceInvaders on
+  ale-py's own C++ vector env with the DeepMind preprocessing of ``ALE/<Game>-v5``
+  minus sticky actions: ``repeat_action_probability=0``, up to 30 no-op starts,
+  frame skip 4 with max-pooling of the last two frames, 84x84 grayscale, a 4-frame
+  stack, fire on reset where the game needs it, life loss as a bootstrap cut
+  (training only; evaluation plays whole games), each game's minimal action set.
+* ``minatar5``: Breakout, SpaceInvaders, Freeway, Asterix, Seaquest (MinAtar, no
+  sticky actions). Observations are 10x10 with 4..10 game-specific channels; they
+  are zero-padded to the suite's maximum (10, Seaquest's) so one trunk serves all
+  games: a game's channels keep their own order, the extra ones stay 0. Each game
+  keeps its minimal action set (3..6 actions).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "atari6": ("KungFuMaster", "Boxing", "Jamesbond", "Krull", "Riverraid", "SpaceInvaders"),
+    "minatar5": ("Breakout", "SpaceInvaders", "Freeway", "Asterix", "Seaquest"),
+}
+MINATAR_CHANNELS = 10  # Seaquest's, the suite maximum: every game is padded to it
+ATARI_FRAME_SKIP = 4
+#: default episode caps in agent steps (Atari: the usual 108k frames / frame skip)
+DEFAULT_MAX_EPISODE_STEPS = {"atari6": 27_000, "minatar5": 10_000}
+
+
+def check_suite(suite: str) -> tuple[str, ...]:
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {sorted(SUITES)}; got {suite!r}")
+    return SUITES[suite]
+
+
+def snake_case(game: str) -> str:
+    """``KungFuMaster`` -> ``kung_fu_master`` (ALE ROM ids, MinAtar module names)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower()
+
+
+@dataclass
+class Step:
+    obs: np.ndarray  # uint8 (N, C, H, W), the reset observation where an episode ended
+    reward: np.ndarray  # float32 (N,), raw game score of the step
+    done: np.ndarray  # bool (N,), bootstrap cut: episode over, or (Atari training) life lost
+    episode_over: np.ndarray  # bool (N,), game over or time limit
+
+
+class VecEnv:
+    """Common part: per-env raw-return tracking of finished episodes."""
+
+    num_envs: int
+    n_actions: int
+    obs_shape: tuple[int, int, int]
+
+    def _init_tracking(self) -> None:
+        self._ep_return = np.zeros(self.num_envs, dtype=np.float64)
+        self._ep_length = np.zeros(self.num_envs, dtype=np.int64)
+        self.finished: list[tuple[float, int]] = []  # (raw return, length) per finished episode
+
+    def _track(self, reward: np.ndarray, over: np.ndarray) -> None:
+        self._ep_return += reward
+        self._ep_length += 1
+        for i in np.flatnonzero(over):
+            self.finished.append((float(self._ep_return[i]), int(self._ep_length[i])))
+            self._ep_return[i] = 0.0
+            self._ep_length[i] = 0
+
+    def drain(self) -> list[tuple[float, int]]:
+        out, self.finished = self.finished, []
+        return out
+
+    def reset(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, actions: np.ndarray) -> Step:
+        raise NotImplementedError
+
+    def frame(self, obs: np.ndarray, i: int = 0) -> np.ndarray:
+        """An RGB uint8 picture of env ``i`` from its observation (for GIFs)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# -- MinAtar -------------------------------------------------------------------------------
+
+# one colour per channel (Seaquest has the most: 10); background black
+_PALETTE = np.array(
+    [[0, 0, 0], [240, 240, 240], [230, 80, 60], [250, 200, 40], [70, 160, 250],
+     [120, 220, 90], [200, 100, 230], [250, 140, 40], [60, 220, 210], [170, 170, 90],
+     [255, 120, 170]], dtype=np.uint8)
+
+
+def _import_minatar():  # noqa: ANN202
+    # MinAtar logs a warning at import when seaborn (only used by its own display) is
+    # missing; we render frames ourselves, so keep that out of the run's output.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        from minatar import Environment
+    finally:
+        root.setLevel(level)
+    return Environment
+
+
+class MinAtarVecEnv(VecEnv):
+    """``num_envs`` MinAtar games stepped in a loop (they are cheap numpy code).
+
+    Sub-env ``i`` draws from its own ``RandomState(seed + i)``; the whole object
+    pickles (a mid-game checkpoint resumes the exact same episodes).
+    """
+
+    def __init__(self, game: str, num_envs: int, seed: int,
+                 max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS["minatar5"]) -> None:
+        try:
+            Environment = _import_minatar()
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError("the minatar5 suite needs MinAtar: "
+                              "pip install --no-deps minatar") from e
+        if game not in SUITES["minatar5"]:
+            raise ValueError(f"game must be one of {SUITES['minatar5']}; got {game!r}")
+        self.game = game
+        self.num_envs = num_envs
+        self.max_episode_steps = max_episode_steps
+        self.envs = []
+        for i in range(num_envs):
+            env = Environment(snake_case(game), sticky_action_prob=0.0)
+            env.seed(int(seed) + i)
+            self.envs.append(env)
+        self.actions = np.asarray(self.envs[0].minimal_action_set(), dtype=np.int64)
+        self.n_actions = len(self.actions)
+        self.channels = self.envs[0].state_shape()[2]
+        self.obs_shape = (MINATAR_CHANNELS, 10, 10)
+        self._init_tracking()
+
+    def _obs(self, i: int, out: np.ndarray) -> None:
+        out[i, : self.channels] = np.moveaxis(self.envs[i].state(), 2, 0)
+
+    def reset(self) -> np.ndarray:
+        obs = np.zeros((self.num_envs, *self.obs_shape), dtype=np.uint8)
+        for i, env in enumerate(self.envs):
+            env.reset()
+            self._obs(i, obs)
+        self._init_tracking()
+        return obs
+
+    def step(self, actions: np.ndarray) -> Step:
+        n = self.num_envs
+        obs = np.zeros((n, *self.obs_shape), dtype=np.uint8)
+        reward = np.zeros(n, dtype=np.float32)
+        over = np.zeros(n, dtype=bool)
+        for i, env in enumerate(self.envs):
+            r, terminal = env.act(int(self.actions[actions[i]]))
+            reward[i] = r
+            over[i] = terminal or self._ep_length[i] + 1 >= self.max_episode_steps
+        self._track(reward, over)
+        for i, env in enumerate(self.envs):
+            if over[i]:
+                env.reset()
+            self._obs(i, obs)
+        return Step(obs, reward, over.copy(), over)
+
+    def frame(self, obs: np.ndarray, i: int = 0, scale: int = 8) -> np.ndarray:
+        # the highest active channel colours a cell (as MinAtar's own display)
+        planes = obs[i].astype(np.int64) * np.arange(1, obs.shape[1] + 1)[:, None, None]
+        img = _PALETTE[planes.max(axis=0)]
+        return np.kron(img, np.ones((scale, scale, 1), dtype=np.uint8))
+
+
+# -- Atari ---------------------------------------------------------------------------------
+
+
+class AtariVecEnv(VecEnv):
+    """ale-py's threaded vector env with the DeepMind preprocessing (module doc).
+
+    ``life_loss=True`` (training): a lost life is a bootstrap cut (``done``) but the
+    game goes on; ``episode_over`` is only the real game over. ale-py reports both as
+    ``terminated``; they are told apart by the lives counter: after a game over the
+    env has already been reset (same-step autoreset) so the count did not drop.
+    """
+
+    def __init__(self, game: str, num_envs: int, seed: int, *, life_loss: bool = True,
+                 num_threads: int = 0,
+                 max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS["atari6"]) -> None:
+        try:
+            from ale_py.vector_env import AtariVectorEnv
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError("the atari6 suite needs ale-py >= 0.9 (ROMs included): "
+                              "pip install ale-py gymnasium") from e
+        self.game = game
+        self.num_envs = num_envs
+        self.seed = int(seed)
+        self.life_loss = life_loss
+        self.env = AtariVectorEnv(
+            snake_case(game), num_envs, num_threads=num_threads,
+            max_num_frames_per_episode=max_episode_steps * ATARI_FRAME_SKIP,
+            repeat_action_probability=0.0, full_action_space=False,
+            autoreset_mode="SameStep", img_height=84, img_width=84, grayscale=True,
+            stack_num=4, frameskip=ATARI_FRAME_SKIP, maxpool=True, noop_max=30,
+            episodic_life=False, life_loss_info=life_loss, reward_clipping=False,
+            use_fire_reset=True,
+        )
+        self.n_actions = int(self.env.single_action_space.n)
+        self.obs_shape = (4, 84, 84)
+        self._lives = np.zeros(num_envs, dtype=np.int64)
+        self._init_tracking()
+
+    def reset(self) -> np.ndarray:
+        obs, info = self.env.reset(seed=self.seed)
+        self._lives = np.asarray(info["lives"], dtype=np.int64)
+        self._init_tracking()
+        return np.asarray(obs)
+
+    def step(self, actions: np.ndarray) -> Step:
+        obs, reward, term, trunc, info = self.env.step(np.asarray(actions, dtype=np.int64))
+        lives = np.asarray(info["lives"], dtype=np.int64)
+        term, trunc = np.asarray(term, bool), np.asarray(trunc, bool)
+        life_lost = term & (lives < self._lives) if self.life_loss else np.zeros_like(term)
+        over = trunc | (term & ~life_lost)
+        self._lives = lives
+        reward = np.asarray(reward, dtype=np.float32)
+        self._track(reward, over)
+        return Step(np.asarray(obs), reward, term | trunc, over)
+
+    def frame(self, obs: np.ndarray, i: int = 0, scale: int = 1) -> np.ndarray:
+        g = obs[i, -1]  # newest frame of the stack
+        img = np.repeat(g[:, :, None], 3, axis=2)
+        return np.kron(img, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else img
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def make_env(suite: str, game: str, num_envs: int, seed: int, *, training: bool = True,
+             max_episode_steps: int | None = None, num_threads: int = 0) -> VecEnv:
+    """The vectorised env of ``game`` in ``suite``; ``training=False`` plays whole games
+    on Atari (no life-loss cut)."""
+    games = check_suite(suite)
+    if game not in games:
+        raise ValueError(f"game must be one of {games} for suite {suite!r}; got {game!r}")
+    if not isinstance(num_envs, int) or num_envs < 1:
+        raise ValueError(f"num_envs must be an int >= 1; got {num_envs!r}")
+    cap = max_episode_steps or DEFAULT_MAX_EPISODE_STEPS[suite]
+    if suite == "minatar5":
+        return MinAtarVecEnv(game, num_envs, seed, max_episode_steps=cap)
+    return AtariVecEnv(game, num_envs, seed, life_loss=training, num_threads=num_threads,
+                       max_episode_steps=cap)
+
+
+def action_counts(suite: str, n_games: int | None = None) -> list[int]:
+    """The action-set sizes of the suite's first ``n_games`` games (default all); builds
+    one single env per game."""
+    out = []
+    for game in check_suite(suite)[:n_games]:
+        env = make_env(suite, game, 1, 0)
+        out.append(env.n_actions)
+        env.close()
+    return out
+
+
+def obs_shape(suite: str) -> tuple[int, int, int]:
+    check_suite(suite)
+    return (MINATAR_CHANNELS, 10, 10) if suite == "minatar5" else (4, 84, 84)
+
+
+__all__ = ["SUITES", "AtariVecEnv", "MinAtarVecEnv", "Step", "VecEnv", "action_counts",
+           "check_suite", "make_env", "obs_shape"]

@@ -1,0 +1,181 @@
+"""Continual-learning methods for the RL runner: ``blip``, ``ewc`` (online EWC),
+``finetune`` and ``freeze``.
+
+A method decides which parameters game ``g`` trains (the shared trunk and game
+``g``'s heads), may add a penalty to PPO's loss, may act after every optimizer step,
+and ends a game with a Fisher estimate on the game's last rollout. Old games'
+heads get no gradient (PPO's loss only uses the current heads), so Adam leaves them
+untouched; only the trunk needs protecting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..fisher import true_fisher
+from ..strategy import BLIP
+from .agent import HEADS, ActorCritic
+
+METHODS = ("blip", "ewc", "finetune", "freeze")
+#: Fisher sample at the end of a game: every observation of the last rollout
+#: (16 x 125 = 2000 with the defaults) in batches of 100, at most 80 batches.
+FISHER_BATCH = 100
+FISHER_MAX_BATCHES = 80
+
+
+class RLMethod:
+    name: ClassVar[str] = "finetune"
+
+    def __init__(self, model: ActorCritic, **hparams: Any) -> None:
+        self.model = model
+        self.hparams = hparams
+
+    def trainable(self, game: int) -> list[nn.Parameter]:
+        return [*self.model.trunk.parameters(), *self.model.actors[game].parameters(),
+                *self.model.critics[game].parameters()]
+
+    def penalty(self) -> Tensor | None:
+        return None
+
+    def after_step(self) -> None:
+        return None
+
+    def end_game(self, game: int, obs: Tensor, generator: torch.Generator) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class Finetune(RLMethod):
+    """Plain sequential PPO on the shared trunk: the forgetting baseline."""
+
+    name = "finetune"
+
+
+class Freeze(RLMethod):
+    """The trunk learns game 1 only; later games train their heads on frozen features."""
+
+    name = "freeze"
+
+    def trainable(self, game: int) -> list[nn.Parameter]:
+        frozen = game > 0
+        for p in self.model.trunk.parameters():
+            p.requires_grad_(not frozen)  # also skips the trunk's backward
+        if frozen:
+            return [*self.model.actors[game].parameters(), *self.model.critics[game].parameters()]
+        return super().trainable(game)
+
+
+class BLIPMethod(RLMethod):
+    """Adam, then BLIP's projection after every step (the fused per-layer kernel); at
+    the end of a game: true Fisher of the policy on the last rollout (actions sampled
+    from the policy), bit update, sync (:meth:`blip.BLIP.end_task`)."""
+
+    name = "blip"
+
+    def __init__(self, model: ActorCritic, *, F_prior: float, max_bit: int, **hp: Any) -> None:
+        super().__init__(model, F_prior=F_prior, max_bit=max_bit, **hp)
+        self.strategy = BLIP(model, F_prior=F_prior, max_bit=max_bit, exclude=HEADS,
+                             n_batches=FISHER_MAX_BATCHES, batch_size=FISHER_BATCH)
+
+    def after_step(self) -> None:
+        self.strategy.project()
+
+    def end_game(self, game: int, obs: Tensor, generator: torch.Generator) -> dict[str, Any]:
+        model = self.model
+        stats = self.strategy.end_task(game, obs, lambda x: model.policy_logits(x, game),
+                                       generator=generator)
+        return {"fisher_samples": stats["fisher_samples"],
+                "fisher_seconds": stats["fisher_seconds"],
+                "capacity": stats["capacity"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict(include_model=False)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state)
+
+
+class OnlineEWC(RLMethod):
+    """Online EWC on the trunk: ``F <- gamma F + F_g`` (true Fisher of the policy on the
+    last rollout, the per-sample kernels of :func:`blip.fisher.true_fisher`), anchor =
+    the trunk after the latest game; penalty ``lamb/2 * sum F (theta - anchor)^2``."""
+
+    name = "ewc"
+
+    def __init__(self, model: ActorCritic, *, lamb: float = 5000.0, gamma: float = 1.0,
+                 **hp: Any) -> None:
+        if not (isinstance(lamb, (int, float)) and lamb >= 0):
+            raise ValueError(f"lamb must be a number >= 0; got {lamb!r}")
+        if not (isinstance(gamma, (int, float)) and 0 <= gamma <= 1):
+            raise ValueError(f"gamma must be in [0, 1]; got {gamma!r}")
+        super().__init__(model, lamb=lamb, gamma=gamma, **hp)
+        self.fisher: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+
+    def _trunk_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(f"trunk.{n}", m) for n, m in self.model.trunk.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    def penalty(self) -> Tensor | None:
+        if not self.fisher:
+            return None
+        params = dict(self.model.named_parameters())
+        total = torch.stack([(f * (params[n] - self.anchor[n]).pow(2)).sum()
+                             for n, f in self.fisher.items()]).sum()
+        return 0.5 * self.hparams["lamb"] * total
+
+    def end_game(self, game: int, obs: Tensor, generator: torch.Generator) -> dict[str, Any]:
+        model = self.model
+        fisher, n = true_fisher(model, self._trunk_layers(), obs,
+                                lambda x: model.policy_logits(x, game),
+                                n_batches=FISHER_MAX_BATCHES, batch_size=FISHER_BATCH,
+                                generator=generator)
+        g = self.hparams["gamma"]
+        for k, f in fisher.items():
+            self.fisher[k] = g * self.fisher[k] + f if k in self.fisher else f
+        params = dict(model.named_parameters())
+        self.anchor = {k: params[k].detach().clone() for k in self.fisher}
+        return {"fisher_samples": n,
+                "fisher_mean": float(torch.stack([f.mean() for f in self.fisher.values()])
+                                     .mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fisher": self.fisher, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = dict(self.model.named_parameters())
+        for what in ("fisher", "anchor"):
+            for k in state[what]:
+                if k not in params:
+                    raise ValueError(f"ewc state names {k!r}, which the model does not have")
+        dev = next(self.model.parameters()).device
+        self.fisher = {k: v.to(dev) for k, v in state["fisher"].items()}
+        self.anchor = {k: v.to(dev) for k, v in state["anchor"].items()}
+
+
+_REGISTRY: dict[str, type[RLMethod]] = {
+    "blip": BLIPMethod, "ewc": OnlineEWC, "finetune": Finetune, "freeze": Freeze,
+}
+
+
+def make_method(name: str, model: ActorCritic, *, F_prior: float, max_bit: int,
+                lamb: float) -> RLMethod:
+    if name not in _REGISTRY:
+        raise ValueError(f"method must be one of {METHODS}; got {name!r}")
+    if name == "blip":
+        return BLIPMethod(model, F_prior=F_prior, max_bit=max_bit)
+    if name == "ewc":
+        return OnlineEWC(model, lamb=lamb)
+    return _REGISTRY[name](model)
+
+
+__all__ = ["METHODS", "BLIPMethod", "Finetune", "Freeze", "OnlineEWC", "RLMethod",
+           "make_method"]

@@ -1,0 +1,71 @@
+"""PNG plots of a continual-RL run (matplotlib, Agg backend via :mod:`blip.plots`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..plots import _plt
+
+
+def learning_curves(curves: list[list[tuple[int, float]]], games: list[str],
+                    path: str | Path, window: int = 20) -> None:
+    """One panel per game: raw episode return vs env steps in that game (running mean)."""
+    plt = _plt()
+    n = len(games)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    for ax, game, curve in zip(axes[0], games, curves, strict=True):
+        if curve:
+            steps = np.array([s for s, _ in curve])
+            ret = np.array([r for _, r in curve])
+            k = min(window, len(ret))
+            smooth = np.convolve(ret, np.ones(k) / k, mode="valid")
+            ax.plot(steps, ret, ".", ms=2, alpha=0.3, color="tab:blue")
+            ax.plot(steps[k - 1:], smooth, color="tab:blue")
+        ax.set_title(game, fontsize=9)
+        ax.set_xlabel("env steps")
+    axes[0][0].set_ylabel("episode return (raw)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def reward_heatmap(norm: np.ndarray, raw: np.ndarray, games: list[str], path: str | Path,
+                   title: str = "") -> None:
+    """Colour: normalised score; text: raw score. Rows: after game i; columns: game j."""
+    plt = _plt()
+    n = len(games)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * n, 1.2 + 0.7 * n))
+    im = ax.imshow(np.ma.masked_invalid(norm), vmin=0, vmax=1.2, cmap="viridis")
+    for i in range(n):
+        for j in range(n):
+            if not np.isnan(raw[i, j]):
+                ax.text(j, i, f"{raw[i, j]:.3g}", ha="center", va="center", fontsize=7,
+                        color="white" if not norm[i, j] > 0.7 else "black")
+    ax.set_xticks(range(n), games, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), [f"after {g}" for g in games], fontsize=7)
+    ax.set_title(title or "reward (colour: / score right after training)", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_final(rows: dict[str, np.ndarray], games: list[str], path: str | Path) -> None:
+    """Grouped bars: each method's normalised score per game after the last game."""
+    plt = _plt()
+    n = len(games)
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * n, 3.2))
+    for k, (method, row) in enumerate(rows.items()):
+        ax.bar(np.arange(n) + k * width, np.nan_to_num(row[:n]), width, label=method)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(n) + width * (len(rows) - 1) / 2, games, fontsize=8)
+    ax.set_ylabel("score after all games / right after training")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+__all__ = ["compare_final", "learning_curves", "reward_heatmap"]

@@ -1,0 +1,59 @@
+"""Compare finished continual-RL runs: each method's score on every game after the
+last game, raw and normalised (markdown table and a bar plot)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import checkpoint as ckpt
+from ..metrics import matrix_from_list
+
+
+def _load(run: str | Path) -> dict:
+    path = Path(run) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json in {run} (not a finished blip rl run)")
+    return json.loads(path.read_text())
+
+
+def compare_runs(runs: list[str], out: str | Path | None = None, plots: bool = True) -> str:
+    results = [_load(r) for r in runs]
+    games = results[0]["games"]
+    lines = ["| method | " + " | ".join(games) + " | mean norm. |",
+             "|---" * (len(games) + 2) + "|"]
+    rows: dict[str, np.ndarray] = {}
+    for run, r in zip(runs, results, strict=True):
+        if r["games"][: len(games)] != games:
+            raise ValueError(f"run {run} learned games {r['games']}, not {games}")
+        raw = matrix_from_list(r["reward_matrix"])
+        norm = matrix_from_list(r["reward_matrix_norm"])
+        last = r["games_done"] - 1
+        label = r["method"] if r["method"] not in rows else f"{r['method']} ({run})"
+        rows[label] = norm[last]
+        cells = [("–" if np.isnan(raw[last, j]) else
+                  f"{raw[last, j]:.3g} ({norm[last, j]:.2f})" if not np.isnan(norm[last, j])
+                  else f"{raw[last, j]:.3g}") for j in range(len(games))]
+        mean = r.get("final_mean_norm")
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + f" | {'–' if mean is None else f'{mean:.2f}'} |")
+    diag = ["right after training (per run): "
+            + ", ".join(f"{lab}: " + " ".join(f"{v:.3g}" for v in np.diag(
+                matrix_from_list(r["reward_matrix"]))) for lab, r in zip(rows, results,
+                                                                          strict=True))]
+    table = "\n".join(lines + ["", *diag,
+                               "", "cells: raw score after the last game (score / |score "
+                               "right after training that game|)"])
+    if out is not None:
+        out = Path(out)
+        ckpt.write_text_atomic(out / "compare.md", table + "\n")
+        if plots:
+            from .plots import compare_final
+
+            compare_final(rows, games, out / "compare.png")
+    return table
+
+
+__all__ = ["compare_runs"]

@@ -1,0 +1,395 @@
+"""The continual-RL run: learn a suite's games in sequence with PPO and a method,
+evaluate every game seen so far after each one, write a run directory.
+
+Run directory (``--out``)::
+
+    config.json                     the RLConfig
+    results.json                    matrices, per-game stats and timings, summary
+    reward_matrix.{csv,json}        raw[i, j]: mean raw score on game j after game i
+    reward_matrix_norm.{csv,json}   raw[i, j] / |raw[j, j]| (1 = right after training j)
+    reward_matrix.png, learning_curves.png
+    gifs/after{i}_game{j}.gif, gifs/grid.gif   (row i = after game i, column j = game j)
+    checkpoint.pt                   after every game and every ``checkpoint_every`` updates
+
+Determinism: the agent is initialised under ``torch.manual_seed(seed)``; game ``g``
+gets its own env seed, action/minibatch generator and Fisher generator derived from
+``(seed, g)``, and evaluation of game ``j`` always uses the same seeds. A run
+resumed at a game boundary therefore ends with the same reward matrix as an
+uninterrupted one. Mid-game checkpoints hold the optimizer, the generator and (for
+MinAtar) the pickled envs, so MinAtar resumes exactly mid-game too; ale-py's vector
+env cannot be saved, so an Atari run resumed mid-game restarts that game's episodes
+from fresh seeded resets (the weights and optimizer carry on).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import pickle
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt
+from ..metrics import matrix_from_list, matrix_to_list
+from ..nn import DEFAULT_MAX_BIT
+from .agent import build_agent, count_params
+from .envs import DEFAULT_MAX_EPISODE_STEPS, MinAtarVecEnv, action_counts, check_suite, make_env
+from .evaluate import derive_seed, normalise, play
+from .methods import METHODS, make_method
+from .ppo import PPOConfig, collect, make_batch, ppo_update
+
+CHECKPOINT = "checkpoint.pt"
+CKPT_VERSION = 1
+#: the published per-game budget on a GPU; CPU runs pass --steps
+DEFAULT_STEPS = {"atari6": 10_000_000, "minatar5": 1_000_000}
+
+
+@dataclass
+class RLConfig:
+    suite: str = "minatar5"
+    method: str = "blip"
+    steps: int | None = None  # env steps per game (all envs together); None: DEFAULT_STEPS
+    envs: int = 16
+    games: int | None = None  # learn only the first N games of the suite
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads (and ALE worker threads)
+    F_prior: float = 5e-18
+    max_bit: int = DEFAULT_MAX_BIT
+    lamb: float = 5000.0  # EWC's lambda
+    eval_episodes: int = 8
+    eval_max_steps: int | None = None  # None: the suite's episode cap
+    gif_frames: int = 60
+    checkpoint_every: int = 50  # updates between mid-game checkpoints (0: games only)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    # What changes the numbers a run produces: a resume must match them.
+    RESULT_KEYS = ("suite", "method", "steps", "envs", "games", "seed", "F_prior", "max_bit",
+                   "lamb", "eval_episodes", "eval_max_steps", "ppo")
+
+    def game_names(self) -> tuple[str, ...]:
+        games = check_suite(self.suite)
+        return games[: self.games] if self.games else games
+
+    def steps_per_game(self) -> int:
+        return self.steps if self.steps is not None else DEFAULT_STEPS[self.suite]
+
+    def n_updates(self) -> int:
+        return max(1, self.steps_per_game() // (self.envs * self.ppo.n_steps))
+
+    def validate(self) -> None:
+        games = check_suite(self.suite)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
+        ints = {"envs": (self.envs, 1), "eval_episodes": (self.eval_episodes, 1),
+                "gif_frames": (self.gif_frames, 0), "checkpoint_every": (self.checkpoint_every, 0),
+                "max_bit": (self.max_bit, 1)}
+        for k, (v, lo) in ints.items():
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{k} must be an int >= {lo}; got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be an int >= 1; got {self.steps!r}")
+        if self.games is not None and not (isinstance(self.games, int)
+                                           and 1 <= self.games <= len(games)):
+            raise ValueError(f"games must be an int in 1..{len(games)}; got {self.games!r}")
+        if self.eval_max_steps is not None and self.eval_max_steps < 1:
+            raise ValueError(f"eval_max_steps must be >= 1; got {self.eval_max_steps!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1; got {self.threads!r}")
+        if not (math.isfinite(self.F_prior) and self.F_prior > 0):
+            raise ValueError(f"F_prior must be a finite number > 0; got {self.F_prior!r}")
+        if not self.lamb >= 0:
+            raise ValueError(f"lamb must be >= 0; got {self.lamb!r}")
+        if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
+            raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available here")
+        self.ppo.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RLConfig:
+        d = dict(d)
+        d["ppo"] = PPOConfig(**d.get("ppo", {}))
+        return cls(**d)
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
+                            dynamic_ncols=True, unit="upd")
+
+    def update(self, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _matrix_csv(m: np.ndarray, games: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["after_game"] + games)
+    for i, row in enumerate(m):
+        w.writerow([games[i]] + ["" if np.isnan(v) else f"{v:.6g}" for v in row])
+    return buf.getvalue()
+
+
+class RLRunner:
+    def __init__(self, cfg: RLConfig, out: str | Path, *, quiet: bool = False,
+                 plots: bool = True, progress: bool | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(out)
+        self.quiet = quiet
+        self.plots = plots
+        self.progress = (not quiet and sys.stderr.isatty()) if progress is None else progress
+        self.device = torch.device(cfg.device)
+        self.games = list(cfg.game_names())
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def _env(self, game: int, *extra: int):  # noqa: ANN202
+        cfg = self.cfg
+        return make_env(cfg.suite, self.games[game], cfg.envs,
+                        derive_seed(cfg.seed, game, 1, *extra), training=True,
+                        num_threads=cfg.threads or 0)
+
+    def _generator(self, *parts: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(derive_seed(*parts))
+
+    def _eval_max_steps(self) -> int:
+        return self.cfg.eval_max_steps or DEFAULT_MAX_EPISODE_STEPS[self.cfg.suite]
+
+    def _save(self, state: dict[str, Any]) -> None:
+        ckpt.save_atomic(state, self.out / CHECKPOINT)
+
+    def _write_outputs(self, st: dict[str, Any], done: bool) -> dict[str, Any]:
+        raw = matrix_from_list(st["raw"])
+        norm = normalise(raw)
+        n = len(self.games)
+        last = st["games_done"] - 1
+        final = norm[last, : last + 1] if last >= 0 else np.array([])
+        results = {
+            "suite": self.cfg.suite, "method": self.cfg.method, "games": self.games,
+            "games_done": st["games_done"], "complete": done,
+            "reward_matrix": st["raw"], "reward_matrix_norm": matrix_to_list(norm),
+            "norm_note": "raw[i, j] / |raw[j, j]|; null where raw[j, j] is 0 or unseen",
+            "final_mean_norm": (float(np.nanmean(final)) if np.isfinite(final).any()
+                                else None),
+            "final_raw": [None if np.isnan(v) else float(v) for v in raw[last]] if last >= 0
+            else [],
+            "per_game": st["records"],
+            "total_seconds": sum(r["seconds"] for r in st["records"]),
+            "steps_per_game": self.cfg.steps_per_game(), "updates_per_game": self.cfg.n_updates(),
+            "config": self.cfg.to_dict(), "torch": torch.__version__, "device": str(self.device),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
+        ckpt.write_text_atomic(self.out / "results.json", json.dumps(results, indent=1))
+        for name, m in (("reward_matrix", raw), ("reward_matrix_norm", norm)):
+            ckpt.write_text_atomic(self.out / f"{name}.json", json.dumps(matrix_to_list(m)))
+            ckpt.write_text_atomic(self.out / f"{name}.csv", _matrix_csv(m, self.games))
+        if self.plots:
+            from . import plots
+
+            try:
+                plots.reward_heatmap(norm[:n], raw[:n], self.games, self.out / "reward_matrix.png",
+                                     f"{self.cfg.suite} / {self.cfg.method}")
+                curves = [[tuple(x) for x in c] for c in st["curves"]]
+                plots.learning_curves(curves, self.games, self.out / "learning_curves.png")
+            except ImportError as e:  # pragma: no cover - matplotlib missing
+                self.log(f"plots skipped: {e}")
+        return results
+
+    def _write_grid(self) -> None:
+        from PIL import Image, ImageSequence
+
+        from .gifs import grid_frames, write_gif
+
+        clips = {}
+        for path in sorted((self.out / "gifs").glob("after*_game*.gif")):
+            m = re.fullmatch(r"after(\d+)_game(\d+)\.gif", path.name)
+            if m:
+                with Image.open(path) as im:
+                    clips[(int(m[1]), int(m[2]))] = [np.asarray(f.convert("RGB"))
+                                                     for f in ImageSequence.Iterator(im)]
+        write_gif(grid_frames(clips, len(self.games)), self.out / "gifs" / "grid.gif")
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self, resume: bool = False, stop_after_updates: int | None = None) -> dict[str, Any]:
+        """Learn every game; ``stop_after_updates`` (tests) returns right after the
+        checkpoint written at that many updates into the run, as a kill would."""
+        cfg, dev = self.cfg, self.device
+        n_games, n_updates = len(self.games), cfg.n_updates()
+        torch.manual_seed(cfg.seed)
+        model = build_agent(cfg.suite, action_counts(cfg.suite, n_games), F_prior=cfg.F_prior,
+                            max_bit=cfg.max_bit).to(dev)
+        method = make_method(cfg.method, model, F_prior=cfg.F_prior, max_bit=cfg.max_bit,
+                             lamb=cfg.lamb)
+        st: dict[str, Any] = {"games_done": 0, "raw": matrix_to_list(np.full((n_games,) * 2,
+                                                                             np.nan)),
+                              "curves": [[] for _ in range(n_games)], "records": []}
+        mid: dict[str, Any] | None = None
+        path = self.out / CHECKPOINT
+        if resume and path.is_file():
+            c = ckpt.load(path, map_location=dev)
+            self._check_compatible(c["config"])
+            model.load_state_dict(c["model"])
+            method.load_state_dict(c["method"])
+            st = c["state"]
+            mid = c.get("mid")
+            where = (f"in game {st['games_done']} at update {mid['update']}" if mid
+                     else f"after {st['games_done']} game(s)")
+            self.log(f"resuming {self.out} {where}")
+        elif resume:
+            self.log(f"no checkpoint in {self.out}; starting from scratch")
+        self.log(f"{cfg.suite} / {cfg.method}: {n_games} games {self.games}, "
+                 f"{cfg.steps_per_game()} steps/game ({n_updates} updates of {cfg.envs}x"
+                 f"{cfg.ppo.n_steps}), trunk {count_params(model.trunk)} params, device {dev}")
+        total_updates = st["games_done"] * n_updates + (mid["update"] if mid else 0)
+
+        for g in range(st["games_done"], n_games):
+            t0 = time.perf_counter()
+            params = method.trainable(g)
+            opt = torch.optim.Adam(params, lr=cfg.ppo.lr, eps=cfg.ppo.adam_eps)
+            gen = self._generator(cfg.seed, g, 2)
+            if mid is not None:
+                opt.load_state_dict(mid["optimizer"])
+                gen.set_state(mid["generator"].to(gen.get_state().device))
+                start, train_seconds = mid["update"], mid["train_seconds"]
+                if mid["env"] is not None:
+                    env = pickle.loads(mid["env"])
+                    obs, done = mid["obs"], mid["done"]
+                else:
+                    self.log("ale-py's vector env cannot be checkpointed: this game's "
+                             "episodes restart from seeded resets")
+                    env = self._env(g, start)
+                    obs, done = env.reset(), np.zeros(cfg.envs, dtype=bool)
+                mid = None
+            else:
+                start, train_seconds = 0, 0.0
+                env = self._env(g)
+                obs, done = env.reset(), np.zeros(cfg.envs, dtype=bool)
+            curve = st["curves"][g]
+            bar = _Progress(n_updates, start, f"{self.games[g]} ({g + 1}/{n_games})",
+                            self.progress)
+            batch = None
+            t_train = time.perf_counter()
+            for u in range(start, n_updates):
+                if cfg.ppo.anneal_lr:
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.ppo.lr * (1.0 - u / n_updates)
+                ro, obs, done = collect(model, env, g, obs, done, cfg.ppo.n_steps, gen, dev)
+                batch = make_batch(model, ro, g, cfg.ppo)
+                stats = ppo_update(model, g, batch, opt, cfg.ppo, gen, params=params,
+                                   extra_loss=method.penalty, after_step=method.after_step)
+                step_base = (u + 1) * cfg.envs * cfg.ppo.n_steps
+                curve.extend([step_base, r] for r, _ in env.drain())
+                recent = [r for _, r in curve[-10:]]
+                bar.update(ret=f"{np.mean(recent):.1f}" if recent else "-",
+                           loss=f"{stats['loss']:.3f}")
+                total_updates += 1
+                every = cfg.checkpoint_every
+                if every and (u + 1) % every == 0 and u + 1 < n_updates:
+                    self._save({
+                        "version": CKPT_VERSION, "config": cfg.to_dict(), "state": st,
+                        "model": model.state_dict(), "method": method.state_dict(),
+                        "mid": {"update": u + 1, "optimizer": opt.state_dict(),
+                                "generator": gen.get_state(),
+                                "train_seconds": train_seconds + time.perf_counter() - t_train,
+                                "env": pickle.dumps(env) if isinstance(env, MinAtarVecEnv)
+                                else None, "obs": obs, "done": done},
+                    })
+                    if stop_after_updates is not None and total_updates >= stop_after_updates:
+                        bar.close()
+                        env.close()
+                        return {"stopped": True}
+            bar.close()
+            env.close()
+            train_seconds += time.perf_counter() - t_train
+            assert batch is not None  # n_updates >= 1; a checkpoint never ends a game
+            t1 = time.perf_counter()
+            end = method.end_game(g, batch.obs, self._generator(cfg.seed, g, 3))
+            t2 = time.perf_counter()
+            raw = matrix_from_list(st["raw"])
+            for j in range(g + 1):
+                returns, frames = play(
+                    model, cfg.suite, tuple(self.games), j, episodes=cfg.eval_episodes,
+                    seed=derive_seed(cfg.seed, j, 4), device=dev,
+                    max_steps=self._eval_max_steps(), gif_frames=cfg.gif_frames)
+                raw[g, j] = float(np.mean(returns))
+                if cfg.gif_frames:
+                    from .gifs import write_gif
+
+                    write_gif(frames, self.out / "gifs" / f"after{g}_game{j}.gif")
+            t3 = time.perf_counter()
+            st["raw"] = matrix_to_list(raw)
+            st["games_done"] = g + 1
+            st["records"].append({
+                "game": g, "name": self.games[g], "updates": n_updates,
+                "env_steps": n_updates * cfg.envs * cfg.ppo.n_steps,
+                "episodes": len(curve), "train_seconds": train_seconds,
+                "end_game_seconds": t2 - t1, "eval_seconds": t3 - t2,
+                "seconds": train_seconds + (time.perf_counter() - t1),
+                "steps_per_second": n_updates * cfg.envs * cfg.ppo.n_steps / train_seconds,
+                "last_train_return": float(np.mean([r for _, r in curve[-10:]])) if curve
+                else None,
+                "method": ckpt.jsonable(end),
+            })
+            self._save({"version": CKPT_VERSION, "config": cfg.to_dict(), "state": st,
+                        "model": model.state_dict(), "method": method.state_dict(), "mid": None})
+            results = self._write_outputs(st, done=g == n_games - 1)
+            if cfg.gif_frames:
+                self._write_grid()
+            row = " ".join(f"{v:.3g}" for v in raw[g, : g + 1])
+            self.log(f"game {g} ({self.games[g]}): {t3 - t0 + 0:.1f}s, "
+                     f"{st['records'][-1]['steps_per_second']:.0f} steps/s | reward {row}")
+            if stop_after_updates is not None and total_updates >= stop_after_updates:
+                return {"stopped": True}
+        results = self._write_outputs(st, done=True)
+        mean = results["final_mean_norm"]
+        self.log(f"mean normalised score after all games: "
+                 f"{'n/a' if mean is None else f'{mean:.3f}'} -> {self.out}")
+        return results
+
+    def _check_compatible(self, saved: dict[str, Any]) -> None:
+        ckpt.check_resumable(saved, self.cfg.to_dict(), RLConfig.RESULT_KEYS,
+                             self.out / CHECKPOINT)
+
+
+def default_run_dir(cfg: RLConfig) -> Path:
+    return Path("runs") / f"rl-{cfg.suite}-{cfg.method}-seed{cfg.seed}"
+
+
+def run_rl(cfg: RLConfig, out: str | Path | None = None, *, resume: bool = False,
+           quiet: bool = False, plots: bool = True) -> dict[str, Any]:
+    return RLRunner(cfg, out or default_run_dir(cfg), quiet=quiet, plots=plots).run(resume)
+
+
+__all__ = ["CHECKPOINT", "DEFAULT_STEPS", "RLConfig", "RLRunner", "default_run_dir", "run_rl"]
