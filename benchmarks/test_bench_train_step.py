@@ -18,6 +18,7 @@ from _bench import run
 from blip.methods import make_method
 from blip.models import MLP
 
+BATCH = 64
 MODELS = {
     "train_step/mlp64-100": (lambda: MLP(64, 100, [10] * 10), 64, 200),
     "train_step/mlp784-1200x2": (lambda: MLP(784, 1200, [2] * 5, n_hidden_layers=2), 784, 20),
@@ -40,7 +41,7 @@ def make_step(method: str, group: str) -> Callable[[], None]:
     m = make_method(method, build())
     net = m.prepare()
     opt = m.make_optimizer(0, 0.1)
-    x, y = torch.randn(64, in_features), torch.randint(0, 2, (64,))
+    x, y = torch.randn(BATCH, in_features), torch.randint(0, 2, (BATCH,))
 
     def step() -> None:
         loss = F.cross_entropy(net(x, 0), y)

@@ -103,8 +103,14 @@ def plot_accuracy_over_time(grouped: dict[str, list[dict]], path: Path, title: s
     T = min(r["tasks_done"] for rs in grouped.values() for r in rs)
     cols = min(T, 5)
     rows = (T + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 1.6, 2.4 * rows), squeeze=False,
                              sharey=True)
+    # one colour and marker per method: the default cycle repeats after 10 methods
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[::2].tolist() + \
+        plt.get_cmap("tab20")(np.linspace(0, 1, 20))[1::2].tolist()
+    markers = "o^sDv<>phx*+"
+    style = {m: (colors[k % len(colors)], markers[k % len(markers)])
+             for k, m in enumerate(grouped)}
     for j in range(rows * cols):
         ax = axes[j // cols][j % cols]
         if j >= T:
@@ -112,15 +118,18 @@ def plot_accuracy_over_time(grouped: dict[str, list[dict]], path: Path, title: s
             continue
         for method, rs in grouped.items():
             acc = np.mean([metrics.matrix_from_list(r["acc_matrix"])[:T, j] for r in rs], axis=0)
-            ax.plot(range(j, T), 100 * acc[j:], marker=".", label=method)
+            color, marker = style[method]
+            ax.plot(range(j, T), 100 * acc[j:], color=color, marker=marker, ms=3, lw=1,
+                    label=method)
         ax.set_title(f"task {j}", fontsize=9)
         ax.set_xlim(-0.5, T - 0.5)
         ax.set_xticks(range(T))
         ax.set_xlabel("after learning task", fontsize=8)
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / (3.0 * cols + 1.6), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
