@@ -1,11 +1,13 @@
-"""Command line: `blip train ...` and `blip report RUN_DIR ...`."""
+"""Command line: `blip train | compare | report | methods | presets | rl`."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
     t.add_argument("--forward-mode", choices=["continuous", "quantized"],
                    help="BLIP forward: continuous weights (authors' code) or quantize-STE")
+    t.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method hyper-parameter (repeatable), e.g. --hp lamb=100; "
+                   "`blip methods` lists each method's names and defaults")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     t.add_argument("--threads", type=int, help="CPU threads for torch (preset default)")
@@ -65,9 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, help="epoch budget per task (default: preset)")
     c.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
     c.add_argument("--data-dir", help="root of the full benchmarks' files")
+    c.add_argument("--hp", action="append", default=[], metavar="[METHOD:]NAME=VALUE",
+                   help="a method hyper-parameter (repeatable): METHOD:NAME=VALUE for one "
+                   "method, NAME=VALUE for every listed method that accepts NAME")
     c.add_argument("--no-plots", action="store_true")
 
     sub.add_parser("presets", help="print the per-benchmark presets")
+    sub.add_parser("methods", help="list the methods with their hyper-parameters and defaults")
 
     rl = sub.add_parser("rl", help="continual RL: PPO on a sequence of Atari/MinAtar games",
                         description="Learn a suite's games in sequence with PPO and a "
@@ -101,10 +110,60 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_hp(items: Sequence[str]) -> dict[str, Any]:
+    """``["lamb=100", "penalty_step=gradient"]`` -> ``{"lamb": 100, ...}`` (Python literals
+    where they parse, else strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--hp takes NAME=VALUE; got {item!r}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        out[name.strip()] = value
+    return out
+
+
+def compare_hp(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per-method hyper-parameters from ``[METHOD:]NAME=VALUE`` items (see `compare --hp`)."""
+    from .methods import METHODS
+
+    per: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in items:
+        head, _, rest = item.partition("=")
+        target, colon, name = head.rpartition(":")
+        (hp,) = parse_hp([f"{name if colon else head}={rest}"]).items()
+        if colon:
+            if target not in per:
+                raise ValueError(f"--hp {item!r}: method {target!r} is not in --methods")
+            per[target][hp[0]] = hp[1]
+            continue
+        takers = [m for m in methods if m in METHODS and hp[0] in METHODS[m].HPARAMS]
+        if not takers:
+            raise ValueError(f"--hp {item!r}: none of the methods {list(methods)} accepts "
+                             f"{hp[0]!r} (see `blip methods`)")
+        for m in takers:
+            per[m][hp[0]] = hp[1]
+    return per
+
+
+def _methods_text() -> str:
+    from .methods import METHODS
+
+    lines = []
+    for name, cls in METHODS.items():
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        lines.append(f"{name}: {doc}")
+        lines += [f"    {k} = {v!r}" for k, v in cls.HPARAMS.items()]
+    return "\n".join(lines)
+
+
 def _train(a: argparse.Namespace) -> int:
     from .trainer import TrainConfig, default_run_dir, train
 
-    method_kwargs = {}
+    method_kwargs = parse_hp(a.hp)
     if a.forward_mode is not None:
         method_kwargs["forward_mode"] = a.forward_mode
     cfg = TrainConfig.from_preset(
@@ -131,7 +190,8 @@ def _compare(a: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", a.epochs), ("n_tasks", a.n_tasks),
                                    ("data_dir", a.data_dir)) if v is not None}
     out = a.out or f"runs/compare-{a.benchmark}"
-    print(compare(a.benchmark, methods, seeds, out, plots=not a.no_plots, **overrides))
+    print(compare(a.benchmark, methods, seeds, out, plots=not a.no_plots,
+                  hparams=compare_hp(a.hp, methods), **overrides))
     return 0
 
 
@@ -178,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for name, p in PRESETS.items():
                 print(f"{name}: {p.to_dict()}")
+            return 0
+        if a.command == "methods":
+            print(_methods_text())
             return 0
     except (ValueError, FileNotFoundError, TypeError, DataFormatError) as e:
         # user errors (bad option values, missing files): one clear line, no traceback

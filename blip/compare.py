@@ -38,8 +38,10 @@ def _same_settings(d: Path, cfg: TrainConfig) -> bool | None:
 
 
 def run_all(benchmark: str, methods: Sequence[str], seeds: Sequence[int], out: str | Path,
-            quiet: bool = True, log: Any = print, **overrides: Any) -> dict[str, list[dict]]:
-    """Results of every (method, seed), running the missing ones; grouped by method."""
+            quiet: bool = True, log: Any = print, hparams: dict[str, dict] | None = None,
+            **overrides: Any) -> dict[str, list[dict]]:
+    """Results of every (method, seed), running the missing ones; grouped by method.
+    ``hparams[method]`` holds that method's hyper-parameters (default: its defaults)."""
     out = Path(out)
     from .methods import METHODS
 
@@ -49,7 +51,9 @@ def run_all(benchmark: str, methods: Sequence[str], seeds: Sequence[int], out: s
     grouped: dict[str, list[dict]] = {}
     for method in methods:
         for seed in seeds:
-            cfg = TrainConfig.from_preset(benchmark, method=method, seed=seed, **overrides)
+            cfg = TrainConfig.from_preset(benchmark, method=method, seed=seed,
+                                          method_kwargs=dict((hparams or {}).get(method, {})),
+                                          **overrides)
             d = run_dir(out, benchmark, method, seed)
             same = _same_settings(d, cfg)
             if same and load_results(d).get("complete"):
@@ -136,14 +140,15 @@ def plot_accuracy_over_time(grouped: dict[str, list[dict]], path: Path, title: s
 
 def compare(benchmark: str, methods: Sequence[str], seeds: Sequence[int], out: str | Path,
             quiet: bool = True, plots: bool = True, log: Any = print,
-            **overrides: Any) -> str:
+            hparams: dict[str, dict] | None = None, **overrides: Any) -> str:
     """Run or reuse every (method, seed); write compare.md, compare.csv and the plot."""
     if not methods:
         raise ValueError("methods must name at least one method")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     out = Path(out)
-    grouped = run_all(benchmark, methods, seeds, out, quiet=quiet, log=log, **overrides)
+    grouped = run_all(benchmark, methods, seeds, out, quiet=quiet, log=log, hparams=hparams,
+                      **overrides)
     rows = table_rows(grouped)
     md = f"### {benchmark}: {', '.join(methods)} over seeds {', '.join(map(str, seeds))}\n\n"
     md += markdown(rows) + "\n"
