@@ -154,8 +154,10 @@ class QuadraticPenaltyMethod(Method):
     MAS's importances at their papers' strengths give ``k`` above 2, where the explicit
     gradient step oscillates with growing amplitude and the run ends in NaN; the proximal
     step is stable for any ``k``, has the same fixed points and agrees with the gradient
-    step to first order in ``lr``. ``"gradient"``: the penalty is added to the loss, as
-    the papers write it.
+    step to first order in ``lr``. With SGD momentum ``μ`` (dampening ``d``) the loss
+    step's stationary size is ``lr·(1−d)/(1−μ)`` times the gradient, so that is the ``lr``
+    the pull uses: the fixed points stay those of loss + penalty. ``"gradient"``: the
+    penalty is added to the loss, as the papers write it.
     """
 
     HPARAMS: ClassVar[dict[str, Any]] = {**Method.HPARAMS, **PENALTY_HPARAMS}
@@ -209,8 +211,8 @@ class QuadraticPenaltyMethod(Method):
             raise RuntimeError(f"method {self.name!r}: the proximal penalty step needs the "
                                f"learning rate; build the optimizer with make_optimizer()")
         groups = self._optimizer.param_groups
-        lrs = {id(p): g["lr"] for g in groups for p in g["params"]}
-        key = (id(self._optimizer), tuple(g["lr"] for g in groups), self._version)
+        lrs = {id(p): _stationary_lr(g) for g in groups for p in g["params"]}
+        key = (id(self._optimizer), tuple(_stationary_lr(g) for g in groups), self._version)
         if key != self._coef_key:  # the lr schedule or the penalty changed
             params, coefs, anchors = [], [], []
             for n, p in self.model.named_parameters():
@@ -225,6 +227,14 @@ class QuadraticPenaltyMethod(Method):
             delta = torch._foreach_sub(anchors, params)
             torch._foreach_mul_(delta, coefs)
             torch._foreach_add_(params, delta)
+
+
+def _stationary_lr(group: dict[str, Any]) -> float:
+    """Step size per unit of a constant gradient once SGD's momentum buffer has settled."""
+    mu = float(group.get("momentum", 0.0))
+    if mu == 0:
+        return float(group["lr"])
+    return float(group["lr"]) * (1 - float(group.get("dampening", 0.0))) / (1 - mu)
 
 
 def _weighted_anchor(f_old: Tensor, a_old: Tensor, f_new: Tensor, a_new: Tensor) -> Tensor:

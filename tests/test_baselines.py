@@ -262,6 +262,28 @@ def test_online_ewc_keeps_one_running_fisher() -> None:
                for n, p in online.model.named_parameters())
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_proximal_step_keeps_the_penalised_optimum_with_momentum(momentum: float) -> None:
+    """Loss g·θ (constant gradient) + s·w(θ−a)²: SGD (with momentum) + the proximal pull
+    must settle at the penalised optimum a − g/(2sw), not a weaker one."""
+    model = _mlp()
+    method = _fresh("mas", model, momentum=momentum, lamb=2.0)
+    w = {n: torch.full_like(p, 3.0) for n, p in model.named_parameters()}
+    a = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    method.omega, method.anchor = w, a
+    method._changed()
+    g = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    opt = method.make_optimizer(1, 0.05)
+    for _ in range(600):
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+        opt.step()
+        method.after_step(1)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), a[n] - g[n] / (2 * 2.0 * 3.0), rtol=1e-4,
+                                   atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["ewc", "si", "mas", "imm-mode"])
 def test_proximal_penalty_step_is_stable_and_first_order_exact(name: str) -> None:
     """The proximal step minimises ‖θ−θ_sgd‖²/(2lr) + penalty: it never overshoots the
@@ -285,6 +307,7 @@ def test_proximal_penalty_step_is_stable_and_first_order_exact(name: str) -> Non
         if n in weight:
             gap, new_gap = (before[n] - anchor[n]).abs(), (p.detach() - anchor[n]).abs()
             assert (new_gap <= gap + 1e-6).all(), n  # contracts towards the anchor
+            assert (new_gap <= 0.01 * gap + 1e-6).all(), n  # k ≫ 1: lands near it
             assert torch.isfinite(p).all()
     # small k = 2·lr·strength·w: the proximal step is θ − lr·∇penalty up to O(k)
     model = _mlp()
