@@ -20,9 +20,8 @@ from .checkpoint import write_text_atomic
 from .report import load_results
 from .trainer import RESULTS, TrainConfig, train
 
-#: settings that must match for a finished run to be reused
-_SAME = ("benchmark", "method", "seed", "epochs", "n_tasks", "lr", "batch_size", "model",
-         "hidden", "width", "F_prior", "method_kwargs")
+#: settings that must match for a finished run to be reused: all that shape its results
+_SAME = TrainConfig.RESULT_KEYS
 
 
 def run_dir(out: Path, benchmark: str, method: str, seed: int) -> Path:

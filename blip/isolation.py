@@ -427,7 +427,8 @@ class PackNet(Method):
     ``prune`` of the free weights with the smallest magnitude is released (set to 0,
     left free); the kept ones are retrained alone for ``retrain_epochs`` epochs (plain
     SGD, ``retrain_lr``, batches of ``retrain_batch_size``, on the data the trainer
-    passes to ``after_task``) and become owned by task ``t``. Evaluating task ``u``
+    passes to ``after_task``: the task's training set, or a seeded subset of 20000 samples
+    of a larger one) and become owned by task ``t``. Evaluating task ``u``
     (``eval_context``) uses only the weights owned by tasks ``<= u`` (the others are
     zeroed for the forward and restored after it).
 

@@ -385,7 +385,12 @@ class Trainer:
             c = ckpt.load(path, map_location=self.device)
             self._check_compatible(c["config"])
             net.load_state_dict(c["model"])
-            method.load_state_dict(c["method"])
+            try:
+                method.load_state_dict(c["method"])
+            except KeyError as e:  # a checkpoint of an older layout of this method's state
+                raise ValueError(f"cannot resume {path}: its {self.cfg.method!r} state lacks "
+                                 f"{e.args[0]!r} (written by another version of the method?); "
+                                 f"start the run again without --resume") from None
             ckpt.set_rng_state(c["rng"])
             state = {"task": c["task"], "acc": metrics.matrix_from_list(c["acc"]),
                      "records": c["records"], "bits_hist": c["bits_hist"]}

@@ -514,3 +514,17 @@ def test_trainer_runs_and_resumes(name: str, pdigits3, tmp_path: Path) -> None:
     assert saved["complete"] and saved["method"] == name and saved["acc"] > 0.5
     assert (tmp_path / "full" / "checkpoint.pt").is_file()
     assert resumed["acc_matrix"] == full["acc_matrix"]
+
+
+def test_resume_with_an_old_method_state_layout_is_a_clear_error(pdigits3, tmp_path: Path) -> None:
+    from blip.checkpoint import load, save_atomic
+    from blip.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_preset("pdigits", method="ewc", n_tasks=2, epochs=1, threads=1)
+    Trainer(cfg, tmp_path, quiet=True, plots=False, stream=pdigits3.truncated(2)).run()
+    c = load(tmp_path / "checkpoint.pt")
+    c["method"] = {"fishers": [], "anchors": []}  # the per-task layout of an older EWC
+    save_atomic(c, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="state lacks 'fisher'"):
+        Trainer(cfg, tmp_path, quiet=True, plots=False, stream=pdigits3.truncated(2)).run(
+            resume=True)

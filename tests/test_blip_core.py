@@ -268,9 +268,16 @@ def test_constrained_sgd_keeps_step_hooks_profiler_label_and_lr_scheduler() -> N
     finally:
         pre.remove(), post.remove(), glob.remove()
     calls.clear()
+    wrapped: list[int] = []  # torch's wrapper calls _optimizer_step_code once per step
+    opt._optimizer_step_code = lambda: wrapped.append(1)
     set_grads()
     opt.step()
-    assert calls == []
+    assert calls == [] and wrapped == []  # nothing listens: the wrapper is skipped
+    handle = opt.register_step_pre_hook(lambda o, a, k: None)
+    set_grads()
+    opt.step()
+    handle.remove()
+    assert wrapped == [1]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         set_grads()
         opt.step()
