@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ import torch
 
 import blip_kernels
 from blip.rl.agent import build_agent
-from blip.rl.envs import SUITES, make_env
+from blip.rl.envs import ALE_PY_MIN_VERSION, SUITES, MissingDependencyError, make_env, version_tuple
 from blip.rl.methods import BLIPMethod, make_method
 from blip.rl.ppo import Batch, PPOConfig, collect, gae, make_batch, ppo_loss, ppo_update
 from blip.rl.runner import CHECKPOINT, RLConfig, RLRunner
@@ -109,6 +113,46 @@ def test_bad_arguments_name_the_argument() -> None:
                          ({"ppo": PPOConfig(clip=0)}, "clip")]:
         with pytest.raises(ValueError, match=name):
             RLConfig(**kwargs).validate()
+
+
+def test_steps_below_one_rollout_is_refused_and_others_round_down() -> None:
+    # one rollout = envs * n_steps = 4 * 32 = 128 env steps
+    with pytest.raises(ValueError, match=r"steps must be at least one rollout.* = 128; got 127"):
+        RLConfig(steps=127, envs=4, ppo=PPOConfig(n_steps=32)).validate()
+    cfg = RLConfig(steps=300, envs=4, ppo=PPOConfig(n_steps=32))
+    cfg.validate()
+    assert (cfg.n_updates(), cfg.actual_steps_per_game()) == (2, 256)
+    cfg = RLConfig(steps=128, envs=4, ppo=PPOConfig(n_steps=32))
+    assert (cfg.n_updates(), cfg.actual_steps_per_game()) == (1, 128)
+
+
+def test_missing_or_old_dependencies_say_what_to_install(tmp_path, monkeypatch,
+                                                         capsys) -> None:
+    assert version_tuple("0.12.1") == ALE_PY_MIN_VERSION == (0, 12, 1)
+    assert version_tuple("0.12.1rc1") == (0, 12, 1) and version_tuple("1.0.dev0") == (1, 0)
+    assert version_tuple("0.9.4") < ALE_PY_MIN_VERSION <= version_tuple("0.12.10")
+    assert issubclass(MissingDependencyError, ValueError)  # the CLI reports it (exit 2)
+    rl_extra = re.escape('pip install -e ".[rl]"')
+    monkeypatch.setitem(sys.modules, "minatar", None)  # import minatar fails
+    with pytest.raises(MissingDependencyError, match="pip install --no-deps minatar"):
+        make_env("minatar5", "Breakout", 1, 0)
+    monkeypatch.setitem(sys.modules, "ale_py", None)
+    with pytest.raises(MissingDependencyError, match=rl_extra):
+        make_env("atari6", "Boxing", 1, 0)
+    monkeypatch.setitem(sys.modules, "ale_py", types.SimpleNamespace(__version__="0.11.2"))
+    with pytest.raises(MissingDependencyError,
+                       match=r"ale-py >= 0\.12\.1 .*ale-py 0\.11\.2 is installed.*" + rl_extra):
+        make_env("atari6", "Boxing", 1, 0)
+    monkeypatch.setitem(sys.modules, "ale_py", types.SimpleNamespace(__version__="0.12.1"))
+    monkeypatch.setitem(sys.modules, "ale_py.vector_env", None)  # as without gymnasium
+    with pytest.raises(MissingDependencyError, match="gymnasium.*" + rl_extra):
+        make_env("atari6", "Boxing", 1, 0)
+    from blip.cli import main
+
+    assert main(["rl", "--games", "1", "--steps", "256", "--envs", "2", "--n-steps", "64",
+                 "--quiet", "--no-plots", "--gif-frames", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "pip install --no-deps minatar" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 # -- PPO -----------------------------------------------------------------------------------
@@ -264,29 +308,54 @@ def test_atari_two_game_smoke_run_writes_matrix_plots_gifs(tmp_path) -> None:
     assert res["per_game"][1]["method"]["capacity"]["overall"] > 0
 
 
-def _final(out) -> tuple[list, dict]:  # noqa: ANN001
+def _final(out) -> tuple[list, dict, dict]:  # noqa: ANN001
     c = torch.load(out / CHECKPOINT, weights_only=False)
-    return c["state"]["raw"], c["model"]
+    return c["state"]["raw"], c["model"], c["method"]
 
 
-@pytest.mark.parametrize("stop_after", [1, 4], ids=["mid-game", "after-game-1"])
-def test_minatar_resume_gives_the_same_reward_matrix(tmp_path, stop_after: int) -> None:
+def _assert_same(a: object, b: object, where: str = "") -> None:
+    """Nested dicts/lists/tuples of tensors and plain values are exactly equal."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize(("method", "stop_after"), [("blip", 1), ("blip", 4), ("ewc", 4)],
+                         ids=["blip-mid-game", "blip-after-game-1", "ewc-after-game-1"])
+def test_minatar_resume_gives_the_same_reward_matrix(tmp_path, method: str,
+                                                      stop_after: int) -> None:
     _need("minatar5")
-    kw = {"method": "blip", "steps": 1024, "checkpoint_every": 1, "gif_frames": 0,
+    kw = {"method": method, "steps": 1024, "checkpoint_every": 1, "gif_frames": 0,
           "ppo": PPOConfig(n_steps=64, n_minibatches=2, epochs=1)}  # 4 updates per game
     RLRunner(_cfg("minatar5", **kw), tmp_path / "full", quiet=True, plots=False).run()
     part = tmp_path / "part"
     stopped = RLRunner(_cfg("minatar5", **kw), part, quiet=True,
                        plots=False).run(stop_after_updates=stop_after)
     assert stopped == {"stopped": True}
-    assert (part / CHECKPOINT).is_file() and not (part / "reward_matrix.json").exists() \
-        or stop_after == 4
-    RLRunner(_cfg("minatar5", **kw), part, quiet=True, plots=False).run(resume=True)
-    raw_full, model_full = _final(tmp_path / "full")
-    raw_part, model_part = _final(part)
+    c = torch.load(part / CHECKPOINT, weights_only=False)
+    if stop_after == 4:  # killed right after game 1 was learned, evaluated and saved
+        assert c["mid"] is None and c["state"]["games_done"] == 1
+        res = json.loads((part / "results.json").read_text())
+        assert res["games_done"] == 1 and res["complete"] is False
+    else:  # killed after the first update of game 1
+        assert c["mid"]["update"] == 1 and c["state"]["games_done"] == 0
+        assert not (part / "results.json").exists()
+    res = RLRunner(_cfg("minatar5", **kw), part, quiet=True, plots=False).run(resume=True)
+    assert res["complete"] and res["games_done"] == 2
+    raw_full, model_full, method_full = _final(tmp_path / "full")
+    raw_part, model_part, method_part = _final(part)
     assert raw_part == raw_full
-    for k, v in model_full.items():
-        assert torch.equal(v, model_part[k]), k
+    _assert_same(model_full, model_part, "model")
+    _assert_same(method_full, method_part, "method")
 
 
 def test_resume_refuses_other_settings(tmp_path) -> None:
@@ -305,14 +374,31 @@ def test_cli_rl_runs_and_compares(tmp_path, capsys) -> None:
     from blip.cli import main
 
     out = tmp_path / "run"
+    # 300 steps = 2 whole rollouts of 2 envs x 64 steps (256 env steps) + 44 left over
     args = ["rl", "--suite", "minatar5", "--method", "ewc", "--games", "1", "--steps",
-            "256", "--envs", "2", "--n-steps", "64", "--eval-episodes", "1",
-            "--eval-max-steps", "20", "--gif-frames", "0", "--out", str(out), "--quiet"]
+            "300", "--envs", "2", "--n-steps", "64", "--eval-episodes", "1",
+            "--eval-max-steps", "20", "--gif-frames", "0", "--out", str(out)]
     assert main(args) == 0
+    assert "each game runs 256 env steps" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "ewc" and res["per_game"][0]["method"]["fisher_samples"] == 128
+    assert (res["steps_per_game"], res["steps_requested"], res["updates_per_game"]) == (
+        256, 300, 2)
+    assert res["per_game"][0]["env_steps"] == 256
     assert main(["rl", "--compare", str(out), str(out), "--out", str(tmp_path)]) == 0
     assert "ewc" in capsys.readouterr().out
     assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.png").is_file()
+    # a run that has not finished (results.json is written after every game) is refused
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    res.update(complete=False, games_done=0)
+    (partial / "results.json").write_text(json.dumps(res))
+    assert main(["rl", "--compare", str(out), str(partial), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "not finished" in err and str(partial) in err
     assert main(["rl", "--envs", "0", "--out", str(tmp_path / "x")]) == 2
     assert "envs" in capsys.readouterr().err
+    assert main(["rl", "--steps", "100", "--envs", "4", "--n-steps", "32",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "steps must be at least one rollout" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

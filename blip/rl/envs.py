@@ -37,6 +37,28 @@ MINATAR_CHANNELS = 10  # Seaquest's, the suite maximum: every game is padded to 
 ATARI_FRAME_SKIP = 4
 #: default episode caps in agent steps (Atari: the usual 108k frames / frame skip)
 DEFAULT_MAX_EPISODE_STEPS = {"atari6": 27_000, "minatar5": 10_000}
+#: ale-py's vector env takes ``autoreset_mode`` and ``life_loss_info`` from 0.12.1 on
+ALE_PY_MIN_VERSION = (0, 12, 1)
+INSTALL_RL = 'pip install -e ".[rl]"'
+INSTALL_MINATAR = "pip install --no-deps minatar"
+
+
+class MissingDependencyError(ValueError):
+    """An optional dependency of a suite is missing or too old; the message says what
+    to install. A ``ValueError`` so that the command line reports it like a bad
+    argument (exit status 2) instead of a traceback."""
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"0.12.1"`` -> ``(0, 12, 1)``; stops at the first part without leading digits
+    (``"0.12.1rc1"`` -> ``(0, 12, 1)``, ``"1.0.dev0"`` -> ``(1, 0)``)."""
+    out = []
+    for part in str(version).split("."):
+        m = re.match(r"\d+", part)
+        if m is None:
+            break
+        out.append(int(m.group()))
+    return tuple(out)
 
 
 def check_suite(suite: str) -> tuple[str, ...]:
@@ -129,9 +151,10 @@ class MinAtarVecEnv(VecEnv):
                  max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS["minatar5"]) -> None:
         try:
             Environment = _import_minatar()
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise ImportError("the minatar5 suite needs MinAtar: "
-                              "pip install --no-deps minatar") from e
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"the minatar5 suite needs MinAtar, which is not installed ({e}): "
+                f"{INSTALL_MINATAR} (it needs only numpy)") from e
         if game not in SUITES["minatar5"]:
             raise ValueError(f"game must be one of {SUITES['minatar5']}; got {game!r}")
         self.game = game
@@ -185,6 +208,31 @@ class MinAtarVecEnv(VecEnv):
 # -- Atari ---------------------------------------------------------------------------------
 
 
+def _import_atari_vector_env():  # noqa: ANN202
+    """ale-py's ``AtariVectorEnv``, or a :class:`MissingDependencyError` saying what to
+    install (ale-py missing or older than :data:`ALE_PY_MIN_VERSION`, gymnasium missing)."""
+    need = ".".join(map(str, ALE_PY_MIN_VERSION))
+    try:
+        import ale_py
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the atari6 suite needs ale-py >= {need} (ROMs included) and gymnasium, and "
+            f"ale-py is not installed ({e}): {INSTALL_RL}") from e
+    installed = str(getattr(ale_py, "__version__", "unknown"))
+    if version_tuple(installed) < ALE_PY_MIN_VERSION:
+        raise MissingDependencyError(
+            f"the atari6 suite needs ale-py >= {need} (its vector env with "
+            f"autoreset_mode='SameStep' and life_loss_info); ale-py {installed} is "
+            f"installed: {INSTALL_RL} (or pip install 'ale-py>={need}')")
+    try:
+        from ale_py.vector_env import AtariVectorEnv
+    except ImportError as e:  # gymnasium missing (ale-py's vector env is built on it)
+        raise MissingDependencyError(
+            f"the atari6 suite needs gymnasium >= 1.0 next to ale-py {installed} ({e}): "
+            f"{INSTALL_RL}") from e
+    return AtariVectorEnv
+
+
 class AtariVecEnv(VecEnv):
     """ale-py's threaded vector env with the DeepMind preprocessing (module doc).
 
@@ -197,11 +245,7 @@ class AtariVecEnv(VecEnv):
     def __init__(self, game: str, num_envs: int, seed: int, *, life_loss: bool = True,
                  num_threads: int = 0,
                  max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS["atari6"]) -> None:
-        try:
-            from ale_py.vector_env import AtariVectorEnv
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise ImportError("the atari6 suite needs ale-py >= 0.9 (ROMs included): "
-                              "pip install ale-py gymnasium") from e
+        AtariVectorEnv = _import_atari_vector_env()
         self.game = game
         self.num_envs = num_envs
         self.seed = int(seed)
@@ -278,5 +322,6 @@ def obs_shape(suite: str) -> tuple[int, int, int]:
     return (MINATAR_CHANNELS, 10, 10) if suite == "minatar5" else (4, 84, 84)
 
 
-__all__ = ["SUITES", "AtariVecEnv", "MinAtarVecEnv", "Step", "VecEnv", "action_counts",
-           "check_suite", "make_env", "obs_shape"]
+__all__ = ["ALE_PY_MIN_VERSION", "SUITES", "AtariVecEnv", "MinAtarVecEnv",
+           "MissingDependencyError", "Step", "VecEnv", "action_counts", "check_suite",
+           "make_env", "obs_shape", "version_tuple"]

@@ -16,7 +16,14 @@ def _load(run: str | Path) -> dict:
     path = Path(run) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json in {run} (not a finished blip rl run)")
-    return json.loads(path.read_text())
+    r = json.loads(path.read_text())
+    # results.json is rewritten after every game: a run still going (or killed) has one
+    if r.get("complete") is not True:
+        raise ValueError(
+            f"run {run} is not finished ({r.get('games_done', '?')} of "
+            f"{len(r.get('games', [])) or '?'} games done, complete={r.get('complete')}); "
+            f"finish it first (blip rl ... --out {run} --resume)")
+    return r
 
 
 def compare_runs(runs: list[str], out: str | Path | None = None, plots: bool = True) -> str:

@@ -57,7 +57,9 @@ DEFAULT_STEPS = {"atari6": 10_000_000, "minatar5": 1_000_000}
 class RLConfig:
     suite: str = "minatar5"
     method: str = "blip"
-    steps: int | None = None  # env steps per game (all envs together); None: DEFAULT_STEPS
+    # env steps per game (all envs together; None: DEFAULT_STEPS), rounded down to whole
+    # rollouts of envs * ppo.n_steps; at least one rollout
+    steps: int | None = None
     envs: int = 16
     games: int | None = None  # learn only the first N games of the suite
     seed: int = 0
@@ -83,8 +85,18 @@ class RLConfig:
     def steps_per_game(self) -> int:
         return self.steps if self.steps is not None else DEFAULT_STEPS[self.suite]
 
+    def rollout_steps(self) -> int:
+        """Env steps of one rollout (one PPO update): ``envs * ppo.n_steps``."""
+        return self.envs * self.ppo.n_steps
+
     def n_updates(self) -> int:
-        return max(1, self.steps_per_game() // (self.envs * self.ppo.n_steps))
+        """Whole rollouts per game: ``steps`` rounded down (``validate`` asks for >= 1)."""
+        return self.steps_per_game() // self.rollout_steps()
+
+    def actual_steps_per_game(self) -> int:
+        """The env steps a game really runs: ``n_updates() * rollout_steps()``, which is
+        ``steps`` rounded down to whole rollouts."""
+        return self.n_updates() * self.rollout_steps()
 
     def validate(self) -> None:
         games = check_suite(self.suite)
@@ -114,6 +126,11 @@ class RLConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available here")
         self.ppo.validate()
+        if self.steps_per_game() < self.rollout_steps():
+            raise ValueError(
+                f"steps must be at least one rollout, envs * n_steps = {self.envs} * "
+                f"{self.ppo.n_steps} = {self.rollout_steps()}; got {self.steps_per_game()} "
+                f"(raise steps or lower envs / n_steps)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,7 +222,10 @@ class RLRunner:
             else [],
             "per_game": st["records"],
             "total_seconds": sum(r["seconds"] for r in st["records"]),
-            "steps_per_game": self.cfg.steps_per_game(), "updates_per_game": self.cfg.n_updates(),
+            # the env steps each game really runs (steps rounded down to whole rollouts)
+            "steps_per_game": self.cfg.actual_steps_per_game(),
+            "steps_requested": self.cfg.steps_per_game(),
+            "updates_per_game": self.cfg.n_updates(),
             "config": self.cfg.to_dict(), "torch": torch.__version__, "device": str(self.device),
         }
         self.out.mkdir(parents=True, exist_ok=True)
@@ -269,8 +289,13 @@ class RLRunner:
             self.log(f"resuming {self.out} {where}")
         elif resume:
             self.log(f"no checkpoint in {self.out}; starting from scratch")
+        actual = cfg.actual_steps_per_game()
+        if actual != cfg.steps_per_game():
+            self.log(f"steps {cfg.steps_per_game()} is not a multiple of envs * n_steps = "
+                     f"{cfg.rollout_steps()}: each game runs {actual} env steps "
+                     f"({n_updates} whole rollouts)")
         self.log(f"{cfg.suite} / {cfg.method}: {n_games} games {self.games}, "
-                 f"{cfg.steps_per_game()} steps/game ({n_updates} updates of {cfg.envs}x"
+                 f"{actual} steps/game ({n_updates} updates of {cfg.envs}x"
                  f"{cfg.ppo.n_steps}), trunk {count_params(model.trunk)} params, device {dev}")
         total_updates = st["games_done"] * n_updates + (mid["update"] if mid else 0)
 
@@ -353,11 +378,11 @@ class RLRunner:
             st["games_done"] = g + 1
             st["records"].append({
                 "game": g, "name": self.games[g], "updates": n_updates,
-                "env_steps": n_updates * cfg.envs * cfg.ppo.n_steps,
+                "env_steps": cfg.actual_steps_per_game(),
                 "episodes": len(curve), "train_seconds": train_seconds,
                 "end_game_seconds": t2 - t1, "eval_seconds": t3 - t2,
                 "seconds": train_seconds + (time.perf_counter() - t1),
-                "steps_per_second": n_updates * cfg.envs * cfg.ppo.n_steps / train_seconds,
+                "steps_per_second": cfg.actual_steps_per_game() / train_seconds,
                 "last_train_return": float(np.mean([r for _, r in curve[-10:]])) if curve
                 else None,
                 "method": ckpt.jsonable(end),
