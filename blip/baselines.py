@@ -23,6 +23,7 @@ memory draws come from torch's global RNG, which the trainer re-seeds from
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -141,7 +142,7 @@ PENALTY_HPARAMS: dict[str, Any] = {
 }
 
 
-class QuadraticPenaltyMethod(Method):
+class QuadraticPenaltyMethod(Method, ABC):
     """Base of the methods whose penalty is ``strength · Σ_i w_i (θ_i − a_i)²``
     (EWC, online EWC, SI, MAS, IMM-mode's L2 transfer). Subclasses define
     :meth:`quadratic` (weights ``w`` and anchors ``a`` per parameter name) and
@@ -173,12 +174,13 @@ class QuadraticPenaltyMethod(Method):
         self._version = 0  # bumped whenever weights/anchors change
 
     @property
+    @abstractmethod
     def strength(self) -> float:
-        raise NotImplementedError
+        """The penalty's factor in front of ``Σ w(θ − a)²``."""
 
+    @abstractmethod
     def quadratic(self) -> tuple[Params, Params]:
         """Per-parameter weights and anchors of the penalty (empty before the first task)."""
-        raise NotImplementedError
 
     def _changed(self) -> None:
         """Call after changing the weights or anchors: invalidates the proximal cache."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,7 +81,7 @@ class Step:
     episode_over: np.ndarray  # bool (N,), game over or time limit
 
 
-class VecEnv:
+class VecEnv(ABC):
     """Common part: per-env raw-return tracking of finished episodes."""
 
     num_envs: int
@@ -104,18 +105,20 @@ class VecEnv:
         out, self.finished = self.finished, []
         return out
 
+    @abstractmethod
     def reset(self) -> np.ndarray:
-        raise NotImplementedError
+        """Reset every env; the stacked observations."""
 
+    @abstractmethod
     def step(self, actions: np.ndarray) -> Step:
-        raise NotImplementedError
+        """One step of every env (finished episodes reset in the same step)."""
 
+    @abstractmethod
     def frame(self, obs: np.ndarray, i: int = 0) -> np.ndarray:
         """An RGB uint8 picture of env ``i`` from its observation (for GIFs)."""
-        raise NotImplementedError
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional: envs without resources need nothing
+        return None
 
 
 # -- MinAtar -------------------------------------------------------------------------------
