@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import validate
 from .fisher import true_fisher
 from .methods import Method, register
 from .models import MultiHead
@@ -46,21 +47,17 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _nonneg(method: str, hp: dict[str, Any], *names: str) -> None:
-    for n in names:
-        v = hp[n]
-        _check(isinstance(v, (int, float)) and v >= 0,
-               f"method {method!r}: {n} must be a number >= 0; got {v!r}")
+    for n in names:  # finite in float32, not a bool (blip.validate)
+        validate.number(n, hp[n], lo=0.0, where=f"method {method!r}: ")
 
 
 def _pos_int(method: str, hp: dict[str, Any], *names: str) -> None:
     for n in names:
-        v = hp[n]
-        _check(isinstance(v, int) and v >= 1,
-               f"method {method!r}: {n} must be an int >= 1; got {v!r}")
+        validate.number(n, hp[n], lo=1, integer=True, where=f"method {method!r}: ")
 
 
 def _seed_ok(method: str, hp: dict[str, Any]) -> None:
-    _check(hp["seed"] is None or isinstance(hp["seed"], int),
+    _check(hp["seed"] is None or validate.is_int(hp["seed"]),
            f"method {method!r}: seed must be an int or None; got {hp['seed']!r}")
 
 
@@ -80,7 +77,15 @@ def _load_params(state: Params, model: nn.Module, what: str) -> Params:
     """Copy saved per-parameter tensors onto their parameter's device, checking names/shapes."""
     params = dict(model.named_parameters())
     out: Params = {}
+    if not isinstance(state, dict):
+        raise ValueError(f"load_state_dict: {what} must be a dict of tensors; got "
+                         f"{type(state).__name__}")
     for n, t in state.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"load_state_dict: {what}[{n!r}] must be a floating-point tensor; "
+                             f"got {getattr(t, 'dtype', type(t).__name__)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"load_state_dict: {what}[{n!r}] holds non-finite values")
         if n not in params:
             raise ValueError(f"load_state_dict: {what} names parameter {n!r}, which the model "
                              f"does not have")
@@ -299,9 +304,10 @@ class EWC(QuadraticPenaltyMethod):
         return {"fisher": self.fisher, "anchor": self.anchor, "tasks": self.tasks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fisher = _load_params(state["fisher"], self.model, "fisher")
-        self.anchor = _load_params(state["anchor"], self.model, "anchor")
-        self.tasks = int(state["tasks"])
+        # everything validated first, then assigned: a rejected state changes nothing
+        fisher = _load_params(state["fisher"], self.model, "fisher")
+        anchor = _load_params(state["anchor"], self.model, "anchor")
+        self.fisher, self.anchor, self.tasks = fisher, anchor, int(state["tasks"])
         self._changed()
 
 
@@ -346,8 +352,8 @@ class OnlineEWC(QuadraticPenaltyMethod):
         return {"fisher": self.fisher, "anchor": self.anchor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fisher = _load_params(state["fisher"], self.model, "fisher")
-        self.anchor = _load_params(state["anchor"], self.model, "anchor")
+        fisher = _load_params(state["fisher"], self.model, "fisher")
+        self.fisher, self.anchor = fisher, _load_params(state["anchor"], self.model, "anchor")
         self._changed()
 
 
@@ -440,10 +446,9 @@ class SI(QuadraticPenaltyMethod):
                 "start": self.start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.omega_total = _load_params(state["omega"], self.model, "omega")
-        self.anchor = _load_params(state["anchor"], self.model, "anchor")
-        self.path = _load_params(state.get("path", {}), self.model, "path")
-        self.start = _load_params(state.get("start", {}), self.model, "start")
+        loaded = [_load_params(state.get(k, {}) if k in ("path", "start") else state[k],
+                               self.model, k) for k in ("omega", "anchor", "path", "start")]
+        self.omega_total, self.anchor, self.path, self.start = loaded
         self._changed()
 
 
@@ -528,8 +533,8 @@ class MAS(QuadraticPenaltyMethod):
         return {"omega": self.omega, "anchor": self.anchor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.omega = _load_params(state["omega"], self.model, "omega")
-        self.anchor = _load_params(state["anchor"], self.model, "anchor")
+        omega = _load_params(state["omega"], self.model, "omega")
+        self.omega, self.anchor = omega, _load_params(state["anchor"], self.model, "anchor")
         self._changed()
 
 
@@ -599,8 +604,8 @@ class IMMMode(QuadraticPenaltyMethod):
         return {"fisher": self.fisher, "prev": self.prev}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fisher = _load_params(state["fisher"], self.model, "fisher")
-        self.prev = _load_params(state["prev"], self.model, "prev")
+        fisher = _load_params(state["fisher"], self.model, "fisher")
+        self.fisher, self.prev = fisher, _load_params(state["prev"], self.model, "prev")
         self._changed()
 
 
@@ -669,12 +674,12 @@ class LwF(Method):
         return {"old_model": old, "old_tasks": self.old_tasks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.old_tasks = int(state["old_tasks"])
-        if state["old_model"] is None:
-            self.old_model = None
-            return
-        self.old_model = self._freeze_copy()
-        self.old_model.load_state_dict(state["old_model"])
+        old_tasks = int(state["old_tasks"])
+        old_model = None
+        if state["old_model"] is not None:
+            old_model = self._freeze_copy()
+            old_model.load_state_dict(state["old_model"])
+        self.old_tasks, self.old_model = old_tasks, old_model
 
 
 # -- A-GEM ----------------------------------------------------------------------------------

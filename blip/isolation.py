@@ -403,10 +403,10 @@ class HAT(Method):
                 raise ValueError(f"load_state_dict: cum[{n!r}] has shape {tuple(c.shape)}; the "
                                  f"layer has {_units(layer)[0]} output units")
             cum.append(c.detach().clone().to(layer.weight.device, layer.weight.dtype))
-        self.cum = cum
-        self.tasks_done = int(state["tasks_done"])
-        seen = state.get("seen_batches")
+        # validated and converted first, assigned last: a rejected state changes nothing
+        tasks_done, seen = int(state["tasks_done"]), state.get("seen_batches")
         self.seen_batches = None if seen is None else int(seen)
+        self.cum, self.tasks_done = cum, tasks_done
 
     def extra_state_bytes(self) -> int:
         # the embeddings live in the model (its parameters) but are HAT's overhead too
@@ -615,8 +615,7 @@ class PackNet(Method):
                                  f"{tuple(layer.weight.shape)}; got {o.dtype} "
                                  f"{tuple(o.shape)}")
             owners.append(o.detach().clone().to(layer.weight.device))
-        self.owners = owners
-        self.tasks_done = int(state["tasks_done"])
+        self.owners, self.tasks_done = owners, int(state["tasks_done"])
 
 
 __all__ = ["HAT", "PackNet", "trunk_layers"]

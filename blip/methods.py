@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .nn import quantized_layers
 from .optim import ConstrainedSGD
 from .strategy import BLIP
+from .validate import check_hparams
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -64,6 +65,8 @@ class Method:
                             f"{sorted(unknown)}; accepted: {sorted(self.HPARAMS)}")
         self.model = model
         self.hparams: dict[str, Any] = {**self.HPARAMS, **hparams}
+        # types, float32 finiteness, momentum/weight_decay ranges; subclasses add ranges
+        check_hparams(self.name, self.HPARAMS, self.hparams)
 
     def prepare(self) -> nn.Module:
         """Return the model to train (possibly converted in place). Call once, first."""

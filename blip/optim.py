@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,17 +12,40 @@ from torch.optim.sgd import sgd  # torch's functional SGD: the same math as SGD.
 
 import blip_kernels
 
+from . import validate
 from .nn import quantized_layers
 
 
-def _constraint_map(model: nn.Module) -> dict[Tensor, tuple[nn.Module, str]]:
+def _constraint_map(model: nn.Module) -> dict[Tensor, tuple[nn.Module, str, str]]:
     # Keyed by the Parameter object (tensors hash by identity). The buffers are
     # read at step time through the layer, so .to()/load_state_dict stay safe.
-    found: dict[Tensor, tuple[nn.Module, str]] = {}
-    for _, layer in quantized_layers(model):
+    found: dict[Tensor, tuple[nn.Module, str, str]] = {}
+    for lname, layer in quantized_layers(model):
         for name in layer.blip_param_names():
-            found[getattr(layer, name)] = (layer, name)
+            found[getattr(layer, name)] = (layer, name, f"{lname}.{name}" if lname else name)
     return found
+
+
+def _signature(p: Tensor, prev: Tensor, bits: Tensor) -> tuple:
+    """What the kernels rely on and a user can change between steps (``p.data = ...``,
+    ``layer.to()``, a buffer replaced): storage addresses, sizes, dtype and device."""
+    return (p.data_ptr(), prev.data_ptr(), bits.data_ptr(), p.shape, prev.shape, bits.shape,
+            p.dtype, p.device, prev.device, bits.device)
+
+
+def _check_buffers(name: str, p: Tensor, prev: Tensor, bits: Tensor) -> None:
+    """A clear error naming the parameter before the kernel would read out of bounds."""
+    if not (p.shape == prev.shape == bits.shape):
+        raise ValueError(
+            f"ConstrainedSGD: parameter {name!r} has shape {tuple(p.shape)} but its BLIP "
+            f"buffers prev/bits have {tuple(prev.shape)}/{tuple(bits.shape)} (was its .data "
+            f"replaced?); convert the model again (blip.convert) and build a new optimizer")
+    if not (p.device == prev.device == bits.device):
+        raise ValueError(f"ConstrainedSGD: parameter {name!r} is on {p.device} but its BLIP "
+                         f"buffers are on {prev.device}/{bits.device}; move the whole model")
+    if prev.dtype != torch.float32 or bits.dtype != torch.uint8 or not p.is_floating_point():
+        raise ValueError(f"ConstrainedSGD: parameter {name!r} ({p.dtype}) needs fp32 prev and "
+                         f"uint8 bits buffers; got {prev.dtype}/{bits.dtype}")
 
 
 class ConstrainedSGD(torch.optim.Optimizer):
@@ -58,22 +80,22 @@ class ConstrainedSGD(torch.optim.Optimizer):
         if model is None:
             raise TypeError("model is required (to find the BLIP constraints) unless params "
                             "is the model itself")
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0; got {lr!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1); got {momentum!r}")
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"dampening must be in [0, 1]; got {dampening!r}")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
+        # finite in float32 (the kernels' precision), bools refused: blip.validate
+        validate.number("lr", lr, lo=0.0)
+        validate.number("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
+        validate.number("dampening", dampening, lo=0.0, hi=1.0)
+        validate.number("weight_decay", weight_decay, lo=0.0)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be True or False; got {nesterov!r}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov requires momentum > 0 and dampening == 0")
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov}
         super().__init__(params, defaults)
         self._constraints = _constraint_map(model)
-        self._plans: dict[Tensor, tuple[dict, str, str, float, int] | None] = {}
-        self._checked: set[Tensor] = set()  # parameters whose arguments were validated
+        self._plans: dict[Tensor, tuple[dict, str, str, float, int, str] | None] = {}
+        # parameter -> _signature at its last full validation
+        self._checked: dict[Tensor, tuple] = {}
         self._skipped: list[Tensor] = []
 
     @staticmethod
@@ -127,8 +149,9 @@ class ConstrainedSGD(torch.optim.Optimizer):
             torch._C._set_grad_enabled(prev)
         return loss
 
-    def _targets(self, p: Tensor) -> tuple[dict, str, str, float, int] | None:
-        """Where p's BLIP state lives: (layer buffers, prev key, bits key, bound, max_bit).
+    def _targets(self, p: Tensor) -> tuple[dict, str, str, float, int, str] | None:
+        """Where p's BLIP state lives: (layer buffers, prev key, bits key, bound, max_bit,
+        qualified name).
 
         Cached per parameter so a step does dict reads only (Module.__getattr__, the
         f-strings and bound_of cost more Python time than a small layer's kernel). The
@@ -138,9 +161,9 @@ class ConstrainedSGD(torch.optim.Optimizer):
         if cached is None and p not in self._plans:
             target = self._constraints.get(p)
             if target is not None:
-                layer, name = target
+                layer, name, qualified = target
                 cached = (layer._buffers, f"prev_{name}", f"bits_{name}", layer.bound_of(name),
-                          layer.max_bit)
+                          layer.max_bit, qualified)
             self._plans[p] = cached
         return cached
 
@@ -170,7 +193,7 @@ class ConstrainedSGD(torch.optim.Optimizer):
             if target is None:
                 plain.append(p)
                 continue
-            buffers, prev_key, bits_key, bound, max_bit = target
+            buffers, prev_key, bits_key, bound, max_bit, qualified = target
             if key is None:
                 key = (max_bit, p.device)
             elif key != (max_bit, p.device):
@@ -198,14 +221,19 @@ class ConstrainedSGD(torch.optim.Optimizer):
                         damps.append(dampening)
                 bufs.append(buf)
             # The first step of a parameter (in this optimizer object) checks everything,
-            # bits <= max_bit included; later ones skip the checks: bits only change in
+            # bits <= max_bit included; later ones only compare a signature (addresses,
+            # sizes, dtype, device: ~1 µs), so `p.data = bigger` or a swapped buffer is a
+            # clear error instead of an out-of-bounds write. Bits values only change in
             # update_bits_, which caps them, and load_state_dict re-checks them.
-            if p not in self._checked:
-                unchecked.append(p)
+            prev_t, bits_t = buffers[prev_key], buffers[bits_key]
+            sig = _signature(p, prev_t, bits_t)
+            if self._checked.get(p) != sig:
+                _check_buffers(qualified, p, prev_t, bits_t)
+                unchecked.append((p, sig))
             ws.append(p)
             grads.append(grad)
-            prevs.append(buffers[prev_key])
-            bits.append(buffers[bits_key])
+            prevs.append(prev_t)
+            bits.append(bits_t)
             bounds.append(bound)
         if key is not None:
             self._constrained_step(ws, grads, prevs, bits, bounds, key[0], lr, bufs, momentum,
@@ -216,7 +244,8 @@ class ConstrainedSGD(torch.optim.Optimizer):
     def _constrained_step(self, ws: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
                           bits: list[Tensor], bounds: list[float], max_bit: int, lr: float,
                           bufs: list[Tensor], momentum: float, damps: list[float] | float,
-                          nesterov: bool, wd: float, unchecked: list[Tensor]) -> None:
+                          nesterov: bool, wd: float, unchecked: list[tuple[Tensor, tuple]]
+                          ) -> None:
         if not unchecked:
             count = blip_kernels.constrained_sgd_step_foreach_(
                 ws, grads, prevs, bits, bounds, max_bit, lr, bufs if momentum != 0 else None,
@@ -228,7 +257,7 @@ class ConstrainedSGD(torch.optim.Optimizer):
                     ws, grads, prevs, bits, bounds, max_bit, lr,
                     bufs if momentum != 0 else None, momentum, damps, nesterov, wd,
                 )
-            self._checked.update(unchecked)
+            self._checked.update(unchecked)  # (parameter, signature) pairs
         self._add_skipped(count)
 
     def _plain_sgd(self, params: list[Tensor], lr: float, momentum: float, dampening: float,

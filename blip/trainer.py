@@ -38,12 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import metrics
+from . import metrics, validate
+from .backend_info import kernel_backend
 from .data import TaskData, TaskStream, load_benchmark
+from .nn import load_state_dict_atomic
 from .presets import get_preset
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_KEYS = ("task", "config", "model", "method", "rng", "acc", "records", "bits_hist")
 # Fisher estimation uses at most 80 x 100 samples; a large task's train set is
 # subsampled (seeded) before it is turned into float inputs, to bound memory.
 FISHER_MAX_SAMPLES = 20_000
@@ -73,6 +76,8 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     method_kwargs: dict = field(default_factory=dict)
+    # unpickle data-set files and old checkpoints without restriction (blip.safeload)
+    trust_pickles: bool = False
 
     # Keys that change the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
@@ -95,23 +100,28 @@ class TrainConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
-            (self.lr > 0, f"lr must be > 0; got {self.lr}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}"),
-            (self.lr_factor > 1, f"lr_factor must be > 1; got {self.lr_factor}"),
-            (self.lr_patience >= 1, f"lr_patience must be >= 1; got {self.lr_patience}"),
-            (self.threads is None or self.threads >= 1,
-             f"threads must be >= 1; got {self.threads}"),
-            (self.n_tasks is None or self.n_tasks >= 1,
-             f"n_tasks must be >= 1; got {self.n_tasks}"),
-            (self.lr_min > 0, f"lr_min must be > 0; got {self.lr_min}"),
-            (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
-             f"device must be cpu, cuda or cuda:N; got {self.device!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        """Every setting's type and range (numbers finite in float32, no bools for
+        numbers), named, before anything is loaded or trained."""
+        V = validate
+        for k in ("epochs", "batch_size", "hidden", "lr_patience"):
+            V.number(k, getattr(self, k), lo=1, integer=True)
+        V.number("n_hidden_layers", self.n_hidden_layers, lo=0, integer=True)
+        V.number("max_bit", self.max_bit, lo=1, integer=True)
+        V.number("seed", self.seed, integer=True)
+        V.optional_int("threads", self.threads, 1)
+        V.optional_int("n_tasks", self.n_tasks, 1)
+        for k in ("lr", "lr_min", "width"):
+            V.number(k, getattr(self, k), lo=0.0, lo_open=True)
+        V.number("lr_factor", self.lr_factor, lo=1.0, lo_open=True)
+        V.number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        V.positive32("F_prior", self.F_prior)
+        for k in ("benchmark", "method", "model", "device"):
+            if not isinstance(getattr(self, k), str):
+                raise ValueError(f"{k} must be a string; got {getattr(self, k)!r}")
+        if not isinstance(self.method_kwargs, dict):
+            raise ValueError(f"method_kwargs must be a dict; got {self.method_kwargs!r}")
+        if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
+            raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available here")
 
@@ -155,6 +165,15 @@ def method_hparams(cfg: TrainConfig) -> dict:
     return hp
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that needs no data: the config and the method's hyper-parameters
+    (a method's __init__ checks them without touching the model's structure)."""
+    from .methods import make_method
+
+    cfg.validate()
+    make_method(cfg.method, nn.Sequential(nn.Linear(1, 1)), **method_hparams(cfg))
+
+
 class _Progress:
     """tqdm when attached to a terminal and not quiet; otherwise nothing."""
 
@@ -178,7 +197,7 @@ class _Progress:
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, quiet: bool = False,
                  plots: bool = True, stream: TaskStream | None = None) -> None:
-        cfg.validate()
+        preflight(cfg)
         self.cfg = cfg
         self.out = Path(out)
         self.quiet = quiet
@@ -199,7 +218,8 @@ class Trainer:
 
     def _load_stream(self) -> TaskStream:
         s = self._stream or load_benchmark(self.cfg.benchmark, self.cfg.data_dir,
-                                           self.cfg.download, self.cfg.seed)
+                                           self.cfg.download, self.cfg.seed,
+                                           trust_pickles=self.cfg.trust_pickles)
         if self.cfg.n_tasks is not None and self.cfg.n_tasks < len(s):
             s = s.truncated(self.cfg.n_tasks)
         return s
@@ -347,6 +367,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "torch": torch.__version__,
             "device": str(self.device),
+            "kernel_backend": kernel_backend(self.device),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.out / RESULTS, json.dumps(results, indent=1))
@@ -375,6 +396,7 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
+        validate.writable_dir(self.out, "out directory")  # before hours of training, not after
         stream = self._load_stream()
         T = len(stream)
         net, method = self._setup(stream)
@@ -382,9 +404,10 @@ class Trainer:
                                  "bits_hist": []}
         path = self.out / CHECKPOINT
         if resume and path.is_file():
-            c = ckpt.load(path, map_location=self.device)
+            c = ckpt.load(path, map_location=self.device, required=CHECKPOINT_KEYS,
+                          trust_pickles=cfg.trust_pickles)
             self._check_compatible(c["config"])
-            net.load_state_dict(c["model"])
+            load_state_dict_atomic(net, c["model"])
             try:
                 method.load_state_dict(c["method"])
             except KeyError as e:  # a checkpoint of an older layout of this method's state
@@ -401,7 +424,8 @@ class Trainer:
             self.log(f"overwriting the run in {self.out} (use --resume to continue it)")
         n_params = sum(p.numel() for p in net.parameters())
         self.log(f"{cfg.benchmark}: {T} tasks, input {stream.input_shape}; {cfg.method} on "
-                 f"{cfg.model} ({n_params} parameters), device {self.device}, seed {cfg.seed}")
+                 f"{cfg.model} ({n_params} parameters), device {self.device}, kernels "
+                 f"{kernel_backend(self.device)}, seed {cfg.seed}")
 
         for t in range(state["task"] + 1, T):
             task = stream[t]
@@ -434,13 +458,15 @@ class Trainer:
             capmsg = f", capacity {100 * cap['overall']:.1f}%" if cap and "overall" in cap else ""
             self.log(f"task {t} ({task.name}): {info['epochs_run']} epochs, "
                      f"{record['seconds']:.1f}s{capmsg} | acc {row}")
-            self._write_outputs(state, stream, done=t == T - 1)
+            # the checkpoint first: results.json never describes a task the checkpoint
+            # lacks (a failed write stops the run with both files at the previous task)
             ckpt.save_atomic({
                 "version": 1, "task": t, "config": cfg.to_dict(), "model": net.state_dict(),
                 "method": method.state_dict(), "rng": ckpt.rng_state(),
                 "acc": metrics.matrix_to_list(state["acc"]), "records": state["records"],
                 "bits_hist": state["bits_hist"],
             }, path)
+            self._write_outputs(state, stream, done=t == T - 1)
 
         results = self._write_outputs(state, stream, done=True)
         if self.plots:

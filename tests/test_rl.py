@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import blip_kernels
+from blip.checkpoint import load as load_checkpoint
 from blip.rl.agent import build_agent
 from blip.rl.envs import ALE_PY_MIN_VERSION, SUITES, MissingDependencyError, make_env, version_tuple
 from blip.rl.methods import BLIPMethod, make_method
@@ -309,7 +310,7 @@ def test_atari_two_game_smoke_run_writes_matrix_plots_gifs(tmp_path) -> None:
 
 
 def _final(out) -> tuple[list, dict, dict]:  # noqa: ANN001
-    c = torch.load(out / CHECKPOINT, weights_only=False)
+    c = load_checkpoint(out / CHECKPOINT)
     return c["state"]["raw"], c["model"], c["method"]
 
 
@@ -341,7 +342,7 @@ def test_minatar_resume_gives_the_same_reward_matrix(tmp_path, method: str,
     stopped = RLRunner(_cfg("minatar5", **kw), part, quiet=True,
                        plots=False).run(stop_after_updates=stop_after)
     assert stopped == {"stopped": True}
-    c = torch.load(part / CHECKPOINT, weights_only=False)
+    c = load_checkpoint(part / CHECKPOINT)
     if stop_after == 4:  # killed right after game 1 was learned, evaluated and saved
         assert c["mid"] is None and c["state"]["games_done"] == 1
         res = json.loads((part / "results.json").read_text())

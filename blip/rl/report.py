@@ -9,14 +9,25 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
+from .. import validate
 from ..metrics import matrix_from_list
+
+RESULT_KEYS = ("suite", "method", "games", "games_done", "complete", "reward_matrix",
+               "reward_matrix_norm", "final_mean_norm")
 
 
 def _load(run: str | Path) -> dict:
     path = Path(run) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json in {run} (not a finished blip rl run)")
-    r = json.loads(path.read_text())
+    try:
+        r = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(r, dict) and "acc_matrix" in r and "reward_matrix" not in r:
+        raise ValueError(f"{path} belongs to a `blip train` run; summarise it with "
+                         f"`blip report {run}`")
+    validate.require_keys(r, RESULT_KEYS, path, "a `blip rl` results file")
     # results.json is rewritten after every game: a run still going (or killed) has one
     if r.get("complete") is not True:
         raise ValueError(
@@ -28,6 +39,14 @@ def _load(run: str | Path) -> dict:
 
 def compare_runs(runs: list[str], out: str | Path | None = None, plots: bool = True) -> str:
     results = [_load(r) for r in runs]
+    try:
+        return _compare(runs, results, out, plots)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"results.json of {', '.join(map(str, runs))} malformed "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _compare(runs: list[str], results: list[dict], out: str | Path | None, plots: bool) -> str:
     games = results[0]["games"]
     lines = ["| method | " + " | ".join(games) + " | mean norm. |",
              "|---" * (len(games) + 2) + "|"]
