@@ -28,11 +28,14 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(tuple(state["python"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"the checkpoint's RNG state is malformed ({e})") from None
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -71,10 +74,14 @@ def _write_atomic(path: str | os.PathLike, mode: str, write: Callable[[IO], None
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
+def _write_bytes(f: IO, data: bytes) -> None:
+    f.write(data)  # one function, so a test can make the disk "full" here
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """A checksummed checkpoint of plain data (:mod:`blip.safeload`), atomically."""
     data = safeload.encode_checkpoint(obj)
-    _write_atomic(path, "wb", lambda f: f.write(data))
+    _write_atomic(path, "wb", lambda f: _write_bytes(f, data))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

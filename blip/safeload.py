@@ -73,15 +73,22 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     try:
-        from numpy._core import multiarray  # numpy >= 2
+        from numpy._core import multiarray, numeric  # numpy >= 2
     except ImportError:  # numpy 1
-        from numpy.core import multiarray
+        from numpy.core import multiarray, numeric
 
     allowed = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
     out: dict[tuple[str, str], Any] = {}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         for name, fn in allowed.items():
             out[(mod, name)] = fn
+
+    def frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+        # protocol 5 arrays: bytes into a new array (the dtype passed _plain_dtype)
+        return numeric._frombuffer(buf, _plain_dtype(dtype), shape, order)
+
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        out[(mod, "_frombuffer")] = frombuffer
     for mod in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray"):
         out[(mod, "ndarray")] = np.ndarray
         out[(mod, "dtype")] = np.dtype
