@@ -34,6 +34,17 @@ def _load(run: str | Path) -> dict:
             f"run {run} is not finished ({r.get('games_done', '?')} of "
             f"{len(r.get('games', [])) or '?'} games done, complete={r.get('complete')}); "
             f"finish it first (blip rl ... --out {run} --resume)")
+    try:  # the fields the table reads, with their shapes
+        n = len(r["games"])
+        if not all(isinstance(g, str) for g in r["games"]):
+            raise ValueError("games must be names")
+        for key in ("reward_matrix", "reward_matrix_norm"):
+            if matrix_from_list(r[key]).shape != (n, n):
+                raise ValueError(f"{key} is not {n} x {n}")
+        if not (isinstance(r["games_done"], int) and 1 <= r["games_done"] <= n):
+            raise ValueError(f"games_done {r['games_done']!r} is not in 1..{n}")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is malformed ({e})") from None
     return r
 
 
