@@ -37,6 +37,7 @@ from torch import Tensor, nn
 # blip.methods imports this module at its end, possibly while blip.baselines is still
 # initialising (when baselines was imported first): bind the module, not its names.
 from . import baselines as _bl
+from . import validate
 from .methods import Method, register, tensor_bytes
 
 Layer = nn.Linear | nn.Conv2d
@@ -74,6 +75,7 @@ def _units(layer: Layer) -> tuple[int, int]:
 
 def _sgd(params: list[nn.Parameter], lr: float, momentum: float) -> torch.optim.Optimizer:
     # weight decay is added to the gradients before they are masked (see the module doc)
+    validate.number("lr", lr, lo=0.0)  # finite in float32: torch's SGD would take 1e39
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .nn import quantized_layers
 from .optim import ConstrainedSGD
 from .strategy import BLIP
-from .validate import check_hparams
+from .validate import check_hparams, number
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -76,6 +76,7 @@ class Method:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def make_optimizer(self, task: int, lr: float) -> torch.optim.Optimizer:
+        number("lr", lr, lo=0.0)  # finite in float32: torch's SGD would take 1e39
         return torch.optim.SGD(self.trainable_parameters(task), lr=lr,
                                momentum=self.hparams["momentum"],
                                weight_decay=self.hparams["weight_decay"])

@@ -386,6 +386,7 @@ def test_cli_rl_runs_and_compares(tmp_path, capsys) -> None:
     assert (res["steps_per_game"], res["steps_requested"], res["updates_per_game"]) == (
         256, 300, 2)
     assert res["per_game"][0]["env_steps"] == 256
+    assert res["kernel_backend"] == blip_kernels.current_backend("cpu")  # what the run used
     assert main(["rl", "--compare", str(out), str(out), "--out", str(tmp_path)]) == 0
     assert "ewc" in capsys.readouterr().out
     assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.png").is_file()

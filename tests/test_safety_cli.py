@@ -57,6 +57,15 @@ def test_constrained_sgd_lr_finite_in_float32(value: object) -> None:
         ConstrainedSGD(net, value)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_optimizer_refuses_lr_1e39(method: str) -> None:
+    m = make_method(method, _model())
+    m.prepare()
+    m.before_task(0)
+    with pytest.raises(ValueError, match=r"lr must be a finite number.*float32"):
+        m.make_optimizer(0, 1e39)
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("lr", 1e39), ("lr", math.nan), ("lr", "0.1"), ("epochs", True), ("epochs", 0),
     ("batch_size", 2.5), ("momentum", math.nan), ("momentum", None), ("lr_factor", math.inf),
