@@ -80,8 +80,8 @@ def _write_bytes(f: IO, data: bytes) -> None:
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """A checksummed checkpoint of plain data (:mod:`blip.safeload`), atomically."""
-    data = safeload.encode_checkpoint(obj)
-    _write_atomic(path, "wb", lambda f: _write_bytes(f, data))
+    header, payload = safeload.encode_checkpoint(obj)
+    _write_atomic(path, "wb", lambda f: (_write_bytes(f, header), _write_bytes(f, payload)))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

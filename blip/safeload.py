@@ -200,14 +200,15 @@ FORMAT = 2
 _MAX_HEADER = 4096
 
 
-def encode_checkpoint(obj: Any) -> bytes:
-    """The bytes of a checkpoint file holding ``obj`` (see the module doc)."""
+def encode_checkpoint(obj: Any) -> tuple[bytes, bytes]:
+    """(header, payload): a checkpoint file holding ``obj`` is the two written in turn
+    (kept apart so the payload, the big part, is never copied to join them)."""
     buf = io.BytesIO()
     torch.save(to_plain(obj), buf)
     payload = buf.getvalue()
     header = {"format": FORMAT, "bytes": len(payload),
               "sha256": hashlib.sha256(payload).hexdigest()}
-    return MAGIC + json.dumps(header).encode() + b"\n" + payload
+    return MAGIC + json.dumps(header).encode() + b"\n", payload
 
 
 class CheckpointError(ValueError):

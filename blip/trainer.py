@@ -166,12 +166,14 @@ def method_hparams(cfg: TrainConfig) -> dict:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Every check that needs no data: the config and the method's hyper-parameters
-    (a method's __init__ checks them without touching the model's structure)."""
+    """Every check that needs no data: the config, then the method's hyper-parameters
+    (its __init__ checks them; built on a tiny bundled model, trunk and heads, so a
+    method that looks at the model's shape finds the usual one)."""
     from .methods import make_method
+    from .models import MLP
 
     cfg.validate()
-    make_method(cfg.method, nn.Sequential(nn.Linear(1, 1)), **method_hparams(cfg))
+    make_method(cfg.method, MLP(1, 2, [2]), **method_hparams(cfg))
 
 
 class _Progress:

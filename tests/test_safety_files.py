@@ -258,11 +258,12 @@ def test_stale_temp_files_are_removed_on_next_write(tmp_path: Path) -> None:
 
 def test_disk_full_is_one_line_error_and_files_agree(tmp_path: Path, capsys,  # noqa: ANN001
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    real, calls = ckpt._write_bytes, []
+    real, files = ckpt._write_bytes, []
 
     def full_on_second(f, data: bytes) -> None:  # noqa: ANN001
-        calls.append(1)
-        if len(calls) == 2:  # the checkpoint after task 1
+        if f not in files:
+            files.append(f)
+        if len(files) == 2:  # the checkpoint after task 1
             raise OSError(errno.ENOSPC, "No space left on device")
         real(f, data)
 
