@@ -65,7 +65,7 @@ def summary_text(run_dir: str | Path, r: dict) -> str:
 
 
 #: config entries that may differ between seeds of one group (they do not change results)
-_NOT_SETTINGS = ("seed", "device", "threads", "data_dir", "download")
+_NOT_SETTINGS = ("seed", "device", "threads", "data_dir", "download", "trust_pickles")
 
 
 def _settings_key(r: dict) -> str:

@@ -4,9 +4,11 @@ rl --compare on the wrong kind of run dir; repeated seeds."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -113,11 +115,19 @@ def test_rl_refuses_inf_lamb(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     assert rc == 2 and "lamb must be" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["file", "under-a-file"])
-def test_out_checked_before_training(tmp_path: Path, capsys, kind: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "read-only"])
+def test_out_checked_before_training(tmp_path: Path, capsys, kind: str,  # noqa: ANN001
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "blocker"
-    blocker.write_text("not a directory")
-    out = blocker if kind == "file" else blocker / "run"
+    if kind == "read-only":  # (root ignores chmod: the file system's refusal is simulated)
+        def refuse(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        out = blocker
+    else:
+        blocker.write_text("not a directory")
+        out = blocker if kind == "file" else blocker / "run"
     called = []
 
     class Spy(Trainer):
