@@ -407,8 +407,8 @@ class HAT(Method):
             cum.append(c.detach().clone().to(layer.weight.device, layer.weight.dtype))
         # validated and converted first, assigned last: a rejected state changes nothing
         tasks_done, seen = int(state["tasks_done"]), state.get("seen_batches")
-        self.seen_batches = None if seen is None else int(seen)
-        self.cum, self.tasks_done = cum, tasks_done
+        seen_batches = None if seen is None else int(seen)
+        self.cum, self.tasks_done, self.seen_batches = cum, tasks_done, seen_batches
 
     def extra_state_bytes(self) -> int:
         # the embeddings live in the model (its parameters) but are HAT's overhead too
