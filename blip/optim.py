@@ -87,7 +87,9 @@ class ConstrainedSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._constraints = _constraint_map(model)
         self._plans: dict[Tensor, tuple[dict, str, str, float, int, str] | None] = {}
-        # parameter -> its (addresses, shapes) signature at its last full validation
+        # parameter -> (signature: addresses and shapes, storages) at its last full
+        # validation. Holding the storages keeps their addresses from being reused by a
+        # later allocation, so a changed buffer always shows as a changed address.
         self._checked: dict[Tensor, tuple] = {}
         self._skipped: list[Tensor] = []
 
@@ -175,7 +177,7 @@ class ConstrainedSGD(torch.optim.Optimizer):
         bufs: list[Tensor] = []
         damps: list[float] | float = dampening
         key: tuple[int, torch.device] | None = None  # (max_bit, device) of the lists
-        unchecked: list[Tensor] = []  # parameters stepping for the first time
+        unchecked: list[tuple[Tensor, tuple]] = []  # first step, or changed since the last check
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -214,19 +216,21 @@ class ConstrainedSGD(torch.optim.Optimizer):
                         damps.append(dampening)
                 bufs.append(buf)
             # The first step of a parameter (in this optimizer object) checks everything,
-            # bits <= max_bit included; later ones only compare a signature (addresses,
-            # sizes, dtype, device: ~1 µs), so `p.data = bigger` or a swapped buffer is a
-            # clear error instead of an out-of-bounds write. Bits values only change in
-            # update_bits_, which caps them, and load_state_dict re-checks them.
+            # bits <= max_bit included; later ones only compare a signature of what the
+            # kernels rely on and a user can change between steps (p.data = ..., layer.to(),
+            # a buffer swapped or sliced): addresses and sizes (a new dtype or device means
+            # new storage, hence a new address). Inline: ~0.8 µs a parameter. So a changed
+            # parameter or buffer is re-validated (bits <= max_bit too) and a misfit is a
+            # clear error, not an out-of-bounds write. Bits only change in place through
+            # update_bits_, which caps them, and load_state_dict, which checks them.
             prev_t, bits_t = buffers[prev_key], buffers[bits_key]
-            # What the kernels rely on and a user can change between steps (p.data = ...,
-            # layer.to(), a buffer swapped or sliced): addresses and sizes. A new dtype or
-            # device means new storage, hence a new address. Inline: ~0.8 µs a parameter.
             sig = (p.data_ptr(), prev_t.data_ptr(), bits_t.data_ptr(), p.shape, prev_t.shape,
                    bits_t.shape)
-            if self._checked.get(p) != sig:
+            checked = self._checked.get(p)
+            if checked is None or checked[0] != sig:
                 _check_buffers(qualified, p, prev_t, bits_t)
-                unchecked.append((p, sig))
+                unchecked.append((p, (sig, (p.untyped_storage(), prev_t.untyped_storage(),
+                                            bits_t.untyped_storage()))))
             ws.append(p)
             grads.append(grad)
             prevs.append(prev_t)
@@ -254,7 +258,7 @@ class ConstrainedSGD(torch.optim.Optimizer):
                     ws, grads, prevs, bits, bounds, max_bit, lr,
                     bufs if momentum != 0 else None, momentum, damps, nesterov, wd,
                 )
-            self._checked.update(unchecked)  # (parameter, signature) pairs
+            self._checked.update(unchecked)  # parameter -> (signature, storages)
         self._add_skipped(count)
 
     def _plain_sgd(self, params: list[Tensor], lr: float, momentum: float, dampening: float,
