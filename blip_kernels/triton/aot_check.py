@@ -246,7 +246,8 @@ def _config_label(options: dict[str, Any], constexprs: dict[Any, Any], fn: Any) 
     names = [p.name for p in fn.params]
     blocks = " ".join(f"{names[k[0]]}={v}" for k, v in constexprs.items()
                       if names[k[0]].startswith("BLOCK"))
-    return f"{blocks} w{options.get('num_warps')} s{options.get('num_stages')}".strip()
+    regs = f" maxnreg={options['maxnreg']}" if options.get("maxnreg") else ""
+    return f"{blocks} w{options.get('num_warps')} s{options.get('num_stages')}{regs}".strip()
 
 
 def specialisations(launches: list[Launch], arch: int, kernels: set[str] | None,
@@ -311,16 +312,23 @@ def compile_all(todo: list[tuple[Row, Any]], jobs: int) -> None:
                 result = None
             proc.join()
             if result is None:
-                with open(log, errors="replace") as fh:
-                    lines = [ln.strip() for ln in fh if ln.strip()]
-                why = next((ln for ln in lines if "Assertion" in ln or "error" in ln.lower()),
-                           lines[-1] if lines else "no output")
+                why = _diagnostic(log) or "no output"
                 row.ok, row.error = False, f"compiler crashed (exit {proc.exitcode}): {why}"
                 continue
             if "internals" in result:
                 raise SystemExit(f"aot_check: error: {result['internals']}")
             for k, v in result.items():
                 setattr(row, k, v)
+            if not row.ok and (why := _diagnostic(log)):
+                row.error = f"{row.error} | {why}"
+
+
+def _diagnostic(log: str) -> str | None:
+    """The compiler's own first complaint, which it writes to fd 2, not to Python."""
+    with open(log, errors="replace") as fh:
+        lines = [ln.strip() for ln in fh if ln.strip()]
+    return next((ln for ln in lines if "Assertion" in ln or "error" in ln.lower()),
+                lines[-1] if lines else None)
 
 
 # ---------------------------------------------------------------- reporting
