@@ -37,11 +37,6 @@ from typing import Any
 
 import torch
 
-# The kernels must be decorated for compilation, not for the interpreter: triton reads
-# the variable when the kernel modules are imported, which happens below, lazily.
-if "blip_kernels.triton._common" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "0"
-
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _SKIP_MODULES = {"_aot", "_common", "aot_check"}
@@ -382,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiles in parallel (default: CPU count)")
     args = parser.parse_args(argv)
+    # Kernels (triton's own library functions included) must be decorated for compilation,
+    # not for the interpreter; triton reads the variable as it decorates them, on import.
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "0"
     try:
         archs = [int(a) for a in args.arch.split(",") if a.strip()]
     except ValueError:
@@ -399,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     from ._common import INTERPRET
 
     if INTERPRET:
-        print("aot_check: error: the kernels were imported under TRITON_INTERPRET=1; run this "
-              "check in a fresh process (python3 -m blip_kernels.triton.aot_check)",
+        print("aot_check: error: triton or the kernels were imported under TRITON_INTERPRET=1; "
+              "run this check in a fresh process (python3 -m blip_kernels.triton.aot_check)",
               file=sys.stderr)
         return 2
     if (note := _aot.version_note()) is not None:
