@@ -58,6 +58,8 @@ def test_bad_arguments_are_named() -> None:
     assert proc.returncode == 2 and "--arch" in proc.stderr
     proc = _run("--arch", "90", "--kernel", "_no_such_kernel", timeout=120)
     assert proc.returncode == 2 and "_no_such_kernel" in proc.stderr
+    proc = _run("--arch", "90", "--json", "/nonexistent-dir/aot.json", timeout=120)
+    assert proc.returncode == 2 and "--json" in proc.stderr
 
 
 def test_ptxas_log_parsing() -> None:

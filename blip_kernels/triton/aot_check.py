@@ -389,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--arch takes compute capabilities 70..99 (e.g. 80,90); got {args.arch!r}")
     if args.jobs < 1 or (args.sample is not None and args.sample < 1) or args.max_spill < 0:
         parser.error("--jobs and --sample must be >= 1, --max-spill >= 0")
+    if args.json:  # fail now, not after minutes of compiling
+        try:
+            with open(args.json, "a"):
+                pass
+        except OSError as exc:
+            parser.error(f"--json: cannot write {args.json}: {exc.strerror}")
     try:
         import triton  # noqa: F401 - probing
     except ImportError as exc:
