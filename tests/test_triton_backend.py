@@ -30,7 +30,18 @@ _reason = backends.unavailable_reason("triton", DEVICE)
 if _reason is not None:
     pytest.skip(f"triton backend unavailable: {_reason}", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import blip_kernels.triton as tri  # noqa: E402
+from blip_kernels.triton._common import tile_offsets  # noqa: E402
+
+
+@triton.jit
+def _offsets_kernel(out_ptr, row_stride, R: tl.constexpr, C: tl.constexpr):
+    rows, cols = tl.arange(0, R), tl.arange(0, C)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], tile_offsets(rows, cols, row_stride))
+
 
 # 0/0 and x/0 are planted on purpose (update_bits); numpy warns about them in the interpreter.
 pytestmark = pytest.mark.filterwarnings(
@@ -283,6 +294,43 @@ def test_fisher_conv2d(dtype: torch.dtype, bias: bool, case: tuple) -> None:
     _assert_fisher_close(fw_t, fw_r)
     if bias:
         _assert_fisher_close(fb_t, fb_r)
+
+
+@pytest.mark.parametrize("lead", [(4,), (3, 4)], ids=["2d", "3d"])
+def test_fisher_linear_no_inputs_still_accumulates_bias(lead: tuple[int, ...]) -> None:
+    """in_features == 0: no weight Fisher, but the bias has a gradient (issue 11 item 9)."""
+    g = _gen(17)
+    x = torch.zeros(*lead, 0, device=DEVICE)
+    c = torch.randn(*lead, 5, generator=g).to(DEVICE)
+    fw_t, fb_t = torch.zeros(5, 0, device=DEVICE), torch.rand(5, generator=g).to(DEVICE)
+    fw_r, fb_r, before = fw_t.clone(), fb_t.clone(), fb_t.clone()
+    tri.fisher_linear_(fw_t, fb_t, x, c, 0.5)
+    ref.fisher_linear_(fw_r, fb_r, x, c, 0.5)
+    assert not torch.equal(fb_r, before)  # there is a bias Fisher to accumulate
+    _assert_fisher_close(fb_t, fb_r)
+
+
+def test_fisher_tile_offsets_are_64_bit() -> None:
+    """The Fisher buffers are indexed through this helper: past 2^31 it must not wrap."""
+    out = torch.zeros(4, 2, dtype=torch.int64, device=DEVICE)
+    _offsets_kernel[(1,)](out, 2**30 + 3, R=4, C=2)
+    expected = [[r * (2**30 + 3) + c for c in range(2)] for r in range(4)]
+    assert out.cpu().tolist() == expected  # rows 2, 3 reach past 2^31
+
+
+def test_fisher_refuses_sizes_past_32_bit_tile_offsets() -> None:
+    """What stays 32-bit (offsets within a sample or a Linear tile) is guarded, not wrapped;
+    expanded tensors give the sizes without the memory."""
+    one = torch.zeros(1, 1, 1, device=DEVICE)
+    length, in_f = 2**16 + 1, 2**15  # 2^31 + 2^15 elements of x per sample
+    x = one.expand(2, length, in_f)
+    c = one.expand(2, length, 3)
+    fw = torch.zeros(3, in_f, device=DEVICE)
+    with pytest.raises(ValueError, match="elements of x per sample is 2,147,516,416"):
+        tri.fisher_linear_(fw, None, x, c, 1.0)
+    wide = torch.zeros(1, 1, device=DEVICE).expand(1, 2**26)
+    with pytest.raises(ValueError, match="max\\(out_features, in_features\\)"):
+        tri.fisher_linear_(wide, None, wide, torch.zeros(1, 1, device=DEVICE), 1.0)
 
 
 def test_fisher_conv2d_through_ops_matches_true_per_sample_gradients() -> None:

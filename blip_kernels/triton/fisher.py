@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, kind_of, load_f32, storage
+from ._common import INTERPRET, kind_of, load_f32, storage, tile_offsets
 
 
 @triton.jit
@@ -40,7 +40,8 @@ def _fisher_linear2d_kernel(
     x_off = rows[:, None] * IN + offs_i[None, :]
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    # Advance base pointers instead of multiplying n * OUT, which could overflow int32.
+    # Advance base pointers instead of multiplying n * OUT, which could overflow int32;
+    # the in-tile offsets above stay below BLOCK_N * max(OUT, IN) < 2^31 (launcher check).
     c_base = c_ptr
     x_base = x_ptr
     for n0 in range(0, N, BLOCK_N):
@@ -53,7 +54,7 @@ def _fisher_linear2d_kernel(
             bacc += tl.sum(c2, axis=1)
         c_base += BLOCK_N * OUT
         x_base += BLOCK_N * IN
-    w_off = offs_o[:, None] * IN + offs_i[None, :]
+    w_off = tile_offsets(offs_o, offs_i, IN)
     wm = mo[:, None] & mi[None, :]
     fw = tl.load(fw_ptr + w_off, mask=wm, other=0.0)
     tl.store(fw_ptr + w_off, fw + scale * acc, mask=wm)
@@ -95,11 +96,16 @@ def _fisher_persample_kernel(
 
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    x_base = x_ptr + s * sxn
-    c_base = c_ptr + s * scn
+    # 64-bit sample offsets: a batch may hold 2^31 elements; offsets within one
+    # sample stay 32-bit (the launcher checks that a sample is smaller than that).
+    x_base = x_ptr + s.to(tl.int64) * sxn
+    c_base = c_ptr + s.to(tl.int64) * scn
     for _n in range(s, N, SPLIT_N):
         grad = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)  # this sample's gradient tile
-        bsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        # The bias gradient: summed elementwise in the loop, reduced once after it.
+        # (A tl.sum inside the loop whose result is used twice below trips an assertion
+        # in Triton's OptimizeThreadLocality pass on sm_80/sm_90.)
+        csum = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + lanes_p
             mp = offs_p < P
@@ -114,14 +120,15 @@ def _fisher_persample_kernel(
             xc = load_f32(x_base, ch_off[None, :] + ih * sxh + iw * sxw, mx, X_KIND)
             grad = tl.dot(c, xc, grad, input_precision="ieee")
             if HAS_BIAS:
-                bsum += tl.sum(c, axis=1)
+                csum += c
         acc += grad * grad
         if HAS_BIAS:
+            bsum = tl.sum(csum, axis=1)
             bacc += bsum * bsum
         x_base += sxn_split
         c_base += scn_split
 
-    w_off = o_glob[:, None] * K + offs_k[None, :]
+    w_off = tile_offsets(o_glob, offs_k, K)
     wm = mo[:, None] & mk[None, :]
     if USE_ATOMIC:  # several programs share this tile (split over samples)
         tl.atomic_add(fw_ptr + w_off, scale * acc, mask=wm)
@@ -137,10 +144,24 @@ def _fisher_persample_kernel(
                 tl.store(fb_ptr + o_glob, fb + scale * bacc, mask=mo)
 
 
+#: Largest BLOCK_N of the Linear configs: its in-tile offsets reach BLOCK_N * max(OUT, IN).
+_LINEAR_BLOCK_N = 32
+_I32_MAX = 2**31 - 1
+
 # Fixed tiles under the interpreter (autotune cannot run there); a few configs on CUDA,
 # with the buffers restored between trials because the kernels accumulate into them.
-_INTERP_LINEAR = {"BLOCK_O": 32, "BLOCK_I": 32, "BLOCK_N": 32}
+_INTERP_LINEAR = {"BLOCK_O": 32, "BLOCK_I": 32, "BLOCK_N": _LINEAR_BLOCK_N}
 _INTERP_PERSAMPLE = {"BLOCK_O": 32, "BLOCK_K": 32, "BLOCK_P": 32}
+
+# Configs chosen so that no launch spills a register on sm_80 or sm_90 (checked by
+# `python3 -m blip_kernels.triton.aot_check`): 128x128 tiles spill on unaligned shapes
+# whatever the warps, 128x64 needs 8 warps. The per-sample kernel gathers x (no
+# cp.async), so a second pipeline stage only holds the next tiles in registers: one stage.
+# With 16 warps ptxas may cap itself at 64 registers and spill; maxnreg=128 (the most
+# 512 threads can have) lets it use what the tile needs.
+# (BLOCK_O, BLOCK_I, warps, stages) and (BLOCK_O, BLOCK_K, BLOCK_P, warps, stages, maxnreg):
+LINEAR_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3))
+PERSAMPLE_CONFIGS = ((32, 32, 32, 4, 1, None), (64, 64, 32, 8, 1, None), (64, 64, 64, 16, 1, 128))
 
 if INTERPRET:
     _linear2d = _fisher_linear2d_kernel
@@ -148,21 +169,32 @@ if INTERPRET:
 else:  # pragma: no cover - needs a GPU
     _linear2d = triton.autotune(
         configs=[
-            triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_N": 32}, num_warps=w, num_stages=3)
-            for bo, bi, w in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8))
+            triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_N": _LINEAR_BLOCK_N},
+                          num_warps=w, num_stages=st)
+            for bo, bi, w, st in LINEAR_CONFIGS
         ],
         key=["OUT", "IN", "N", "X_KIND", "C_KIND", "HAS_BIAS"],
         restore_value=["fw_ptr", "fb_ptr"],
     )(_fisher_linear2d_kernel)
     _persample = triton.autotune(
         configs=[
-            triton.Config({"BLOCK_O": bo, "BLOCK_K": bk, "BLOCK_P": bp}, num_warps=w, num_stages=2)
-            for bo, bk, bp, w in ((32, 32, 32, 4), (64, 64, 32, 4), (64, 64, 64, 8),
-                                  (32, 64, 64, 4))
+            triton.Config({"BLOCK_O": bo, "BLOCK_K": bk, "BLOCK_P": bp}, num_warps=w,
+                          num_stages=st, maxnreg=regs)
+            for bo, bk, bp, w, st, regs in PERSAMPLE_CONFIGS
         ],
         key=["COUT_G", "K", "P", "SPLIT_N", "X_KIND", "C_KIND", "HAS_BIAS"],
         restore_value=["fw_ptr", "fb_ptr"],
     )(_fisher_persample_kernel)
+
+
+def _check_32bit(what: str, extent: int) -> None:
+    """Offsets within a tile or a sample are int32 (int64 there would cost registers in
+    the hot loops); refuse the sizes where they would wrap rather than read elsewhere."""
+    if extent > _I32_MAX:
+        raise ValueError(
+            f"{what} is {extent:,}, past the 2^31-1 that the triton backend's Fisher kernels "
+            "index with 32-bit offsets; use the cpp or torch backend for this layer"
+        )
 
 
 def _meta(fixed: dict[str, int]) -> dict[str, int]:
@@ -181,15 +213,17 @@ def fisher_linear_(
     fisher_w: Tensor, fisher_b: Tensor | None, x: Tensor, grad_out: Tensor, scale: float
 ) -> None:
     out_f, in_f = fisher_w.shape
-    if x.shape[0] == 0 or fisher_w.numel() == 0:
+    # in_f == 0 still has a bias gradient (one program column accumulates it).
+    if x.shape[0] == 0 or out_f == 0 or (in_f == 0 and fisher_b is None):
         return
     fb = fisher_b if fisher_b is not None else fisher_w  # placeholder, never touched
     if x.dim() == 2:
         n = x.shape[0]
+        _check_32bit("BLOCK_N * max(out_features, in_features)", _LINEAR_BLOCK_N * max(out_f, in_f))
         meta = _meta(_INTERP_LINEAR)
 
         def grid(m: dict[str, int]) -> tuple[int, int]:
-            return (triton.cdiv(out_f, m["BLOCK_O"]), triton.cdiv(in_f, m["BLOCK_I"]))
+            return (triton.cdiv(out_f, m["BLOCK_O"]), max(1, triton.cdiv(in_f, m["BLOCK_I"])))
 
         _linear2d[grid](
             fisher_w, fb, storage(x), storage(grad_out), n, out_f, in_f, float(scale),
@@ -220,7 +254,7 @@ def fisher_conv2d_(
     out_ch, cin_g, kh, kw = fisher_w.shape
     n, c_in, h, w = x.shape
     ho, wo = grad_out.shape[2], grad_out.shape[3]
-    if n == 0 or fisher_w.numel() == 0:
+    if n == 0 or out_ch == 0 or (fisher_w.numel() == 0 and fisher_b is None):
         return
     _persample_launch(
         fisher_w, fisher_b, x, grad_out, n=n, groups=groups, cout_g=out_ch // groups,
@@ -253,6 +287,8 @@ def _persample_launch(
 ) -> None:
     if p == 0:
         return  # no output positions: every per-sample gradient is zero
+    _check_32bit("elements of x per sample", x[0].numel())
+    _check_32bit("elements of grad_out per sample", grad_out[0].numel())
     (sh, sw), (ph, pw), (dh, dw) = conv
     sxn, sxc, sxh, sxw = x_strides
     scn, sco, scp = c_strides
@@ -261,7 +297,9 @@ def _persample_launch(
     meta = _meta(_INTERP_PERSAMPLE)
 
     def grid(m: dict[str, int]) -> tuple[int, int, int]:
-        return (triton.cdiv(cout_g, m["BLOCK_O"]), triton.cdiv(k, m["BLOCK_K"]), groups * split)
+        # k == 0 (no inputs) still has a bias gradient: keep one program column.
+        return (triton.cdiv(cout_g, m["BLOCK_O"]), max(1, triton.cdiv(k, m["BLOCK_K"])),
+                groups * split)
 
     _persample[grid](
         fisher_w, fisher_b if fisher_b is not None else fisher_w, storage(x), storage(grad_out),
