@@ -719,6 +719,8 @@ def _(w: Tensor, prev: Tensor, bits: Tensor, bound: float) -> None:
 def _fisher_linear_run(
     fisher_w: Tensor, fisher_b: Tensor | None, x: Tensor, grad_out: Tensor, scale: float
 ) -> None:
+    if scale <= _F32_ZERO:
+        return  # adds nothing, not even 0·inf = NaN of an overflowed square (every backend)
     be = _backend(fisher_w)
     _inplace(
         be,
@@ -756,6 +758,8 @@ def _fisher_conv2d_run(
     groups: int,
     scale: float,
 ) -> None:
+    if scale <= _F32_ZERO:
+        return  # as in _fisher_linear_run
     be = _backend(fisher_w)
     _inplace(
         be,

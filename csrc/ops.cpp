@@ -562,6 +562,7 @@ void fisher_linear_(at::Tensor fisher_w, std::optional<at::Tensor> fisher_b, con
   check_fisher_buffers(fisher_w, fisher_b, x, grad_out, {grad_out.size(-1), x.size(-1)}, scale);
   mark_written(fisher_w);
   if (fisher_b.has_value()) mark_written(*fisher_b);
+  if (static_cast<float>(scale) == 0.0f) return;  // adds nothing, not even 0*inf = NaN (as blip_kernels.ops)
   const bool cuda = on_cuda(fisher_w);
   if (x.dim() == 2) {
     // Section 6: sum_n outer(c_n, x_n)^2 = (c*c)^T @ (x*x), one GEMM on either device.
@@ -623,6 +624,7 @@ void fisher_conv2d_(at::Tensor fisher_w, std::optional<at::Tensor> fisher_b, con
   check_fisher_buffers(fisher_w, fisher_b, x, grad_out, fisher_w.sizes(), scale);
   mark_written(fisher_w);
   if (fisher_b.has_value()) mark_written(*fisher_b);
+  if (static_cast<float>(scale) == 0.0f) return;  // as in fisher_linear_
   if (!on_cuda(fisher_w)) {
     cpu::fisher_conv2d_(fisher_w, x, grad_out, st, pad, dil, groups, scale);
   } else {
