@@ -366,3 +366,17 @@ def test_value_checks_apply_to_the_raw_ops():
         torch.ops.blip.quantize(w, high, 0.3)
     with bk.value_checks(False):
         torch.ops.blip.project_(w, prev, high, 0.3, MAX_BIT)
+
+
+def test_fisher_with_a_zero_scale_adds_nothing(backend):
+    """Found by the fuzz test: 0 * an overflowed square was NaN on one backend only."""
+    fw, fb = torch.full((1, 1), 0.25, device=backend), torch.full((1,), 0.5, device=backend)
+    x, c = torch.ones(1, 1, device=backend), torch.full((1, 1), 1.5e20, device=backend)
+    for scale in (0.0, 1e-50):  # 1e-50 is 0 in fp32
+        bk.fisher_linear_(fw, fb, x, c, scale)
+        bk.fisher_linear_(fw, fb, x[:, None], c[:, None], scale)  # the per-sample path
+        bk.fisher_conv2d_(fw[:, :, None, None], fb, x[:, :, None, None], c[:, :, None, None],
+                          scale=scale)
+    assert fw.item() == 0.25 and fb.item() == 0.5
+    bk.fisher_linear_(fw, fb, x, c, 1.0)
+    assert fw.item() == float("inf")  # a real overflow still shows
