@@ -403,6 +403,7 @@ def _check_fisher_conv2d(
     _check_tensor("fisher_w", fisher_w, (torch.float32,), device=x.device)
     _check(fisher_w.dim() == 4, f"fisher_w must be 4-D; got shape {tuple(fisher_w.shape)}")
     out_ch, cin_g, kh, kw = fisher_w.shape
+    _check(kh >= 1 and kw >= 1, f"fisher_w has a {kh}x{kw} kernel; it must be at least 1x1")
     _check(_is_int(groups) and 1 <= groups <= _MAX_CONV and x.shape[1] % groups == 0
            and out_ch % groups == 0, f"groups={groups!r} must divide C_in and C_out")
     _check(cin_g * groups == x.shape[1],

@@ -382,6 +382,8 @@ at::Tensor sgd_step_(at::Tensor w, const at::Tensor& grad, const at::Tensor& pre
                      int64_t max_bit, double lr, double momentum, double dampening, bool nesterov,
                      double weight_decay) {
   check_sgd_tensors(w, grad, prev, bits, momentum_buf.has_value() ? &*momentum_buf : nullptr, -1);
+  TORCH_CHECK_VALUE(momentum == 0.0 || momentum_buf.has_value(),
+                    "blip_kernels._C: momentum_buf is required when momentum != 0");
   const float b = checked_bound(bound, Name{"bound"});
   check_max_bit(max_bit);
   check_sgd_scalars(lr, momentum, weight_decay);
@@ -603,6 +605,8 @@ void fisher_conv2d_(at::Tensor fisher_w, std::optional<at::Tensor> fisher_b, con
                     "blip_kernels._C: fisher_w must be 4-D (C_out, C_in/groups, kh, kw)");
   const int64_t out_ch = fisher_w.size(0), cin_g = fisher_w.size(1);
   const int64_t kh = fisher_w.size(2), kw = fisher_w.size(3);
+  TORCH_CHECK_VALUE(kh >= 1 && kw >= 1, "blip_kernels._C: fisher_w has a ", kh, "x", kw,
+                    " kernel; it must be at least 1x1");
   TORCH_CHECK_VALUE(groups >= 1 && groups < kMaxConvParam && x.size(1) % groups == 0 &&
                         out_ch % groups == 0 && cin_g * groups == x.size(1),
                     "blip_kernels._C: groups=", groups, " must divide C_in=", x.size(1),

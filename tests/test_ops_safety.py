@@ -88,6 +88,17 @@ cases = {
     "must be contiguous": [
         lambda: _C.project_(n10, torch.zeros(1).expand(10), b10, 1.0, 20),
     ],
+    "kernel; it must be at least 1x1": [
+        lambda: torch.ops.blip.fisher_conv2d_(torch.zeros(2, 3, 0, 2), None,
+                                              torch.randn(1, 3, 4, 4), torch.randn(1, 2, 5, 3),
+                                              [1, 1], [0, 0], [1, 1], 1, 1.0),
+        lambda: _C.fisher_conv2d_(torch.zeros(2, 3, 0, 2), None, torch.randn(1, 3, 4, 4),
+                                  torch.randn(1, 2, 5, 3), [1, 1], [0, 0], [1, 1], 1, 1.0),
+    ],
+    "momentum_buf is required": [
+        lambda: _C.sgd_step_(n10, n10.clone(), n10.clone(), b10, None, 1.0, 20, 0.1, 0.9, 0.0,
+                             False, 0.0),
+    ],
     "share memory": [
         lambda: _C.sgd_step_(n10, n10.clone(), n10.clone(), b10, n10, 1.0, 20, 0.1, 0.9, 0.0,
                              False, 0.0),
