@@ -1,10 +1,12 @@
 """Fused kernels for BLIP (Continual Learning via Bit-Level Information Preserving).
 
 ``import blip_kernels`` gives the ops of :mod:`blip_kernels.ops` and the backend
-controls of :mod:`blip_kernels.backends`.
+controls of :mod:`blip_kernels.backends` (``current_backend(device)`` names the backend
+a run uses, for its records).
 """
 
 from .backends import (
+    BackendFallbackWarning,
     BackendUnavailableError,
     available_backends,
     current_backend,
@@ -27,6 +29,7 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendFallbackWarning",
     "BackendUnavailableError",
     "available_backends",
     "constrained_sgd_step_",

@@ -4,6 +4,8 @@ CPU tensors run the OpenMP kernels of ``csrc/cpu``; CUDA tensors the kernels of
 ``csrc/cuda`` when the extension was built against a CUDA torch. The functions
 follow the backend contract of :mod:`blip_kernels.reference` (contiguous,
 validated inputs; in-place on their first arguments) and forward to ``_C`` as is.
+``_C`` re-checks every argument itself (csrc/ops.cpp) and tells autograd about its
+writes (version counters), so this backend needs no Python-side write tracking.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 from torch import Tensor
 
 NAME = "cpp"
+#: _C bumps the version counter of every tensor it writes (see ops._announce_writes).
+TRACKS_WRITES = True
 
 _C: ModuleType | None
 _import_error: str | None
@@ -21,20 +25,22 @@ try:
     from . import _C  # type: ignore[attr-defined, no-redef]
 
     _import_error = None
-except ImportError as exc:  # not built (BLIP_NO_EXT=1) or the build failed
+except (ImportError, OSError) as exc:  # not built (BLIP_NO_EXT=1), or it does not load
     _C = None
-    _import_error = str(exc)
+    _import_error = f"{type(exc).__name__}: {exc}"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     if _C is None:
         return (
-            "the native extension blip_kernels._C was not built "
-            f"(BLIP_NO_EXT=1 or build failed: {_import_error})"
+            "the native extension blip_kernels._C was not built or does not load "
+            f"(BLIP_NO_EXT=1, or the build failed: {_import_error})"
         )
     if device.type == "cuda":
         if not _C.has_cuda():
             return "blip_kernels._C was built without CUDA"
+        if not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False"
         return None
     if device.type != "cpu":
         return f"blip_kernels._C has no kernels for {device.type} tensors"

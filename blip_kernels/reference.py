@@ -7,9 +7,11 @@ section. All arithmetic is fp32; low-precision parameters are widened on load an
 rounded to nearest on store.
 
 Backend contract (shared by ``reference``, ``cpp`` and ``triton``): inputs are
-already validated and contiguous by :mod:`blip_kernels.ops`; in-place functions
-mutate their first arguments; ``project_``, ``sgd_step_`` and ``sgd_step_foreach_``
-return an int64 0-d tensor counting the elements whose update was non-finite and was skipped.
+already validated and contiguous by :mod:`blip_kernels.ops` (which also bumps the
+version counters of the tensors a backend writes, unless the backend sets
+``TRACKS_WRITES`` and does it itself); in-place functions mutate their first
+arguments; ``project_``, ``sgd_step_`` and ``sgd_step_foreach_`` return an int64
+0-d tensor counting the elements whose update was non-finite and was skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ NAME = "reference"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    return None  # plain PyTorch runs wherever torch does
+    # plain PyTorch runs wherever torch does, which for CUDA means a usable GPU
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    return None
 
 
 #: fp32 constant of the bit-allocation rule (section 2): C = 0.5 / ln 2.
