@@ -63,11 +63,10 @@ def _cuda_toolkit(torch: ModuleType) -> object | None:
     try:
         found = toolkit.find_toolkit(torch.version.cuda)
     except toolkit.ToolkitError as exc:
-        msg = (f"blip: building blip_kernels._C WITHOUT its CUDA kernels: {exc}; "
-               "or set BLIP_CUDA=0 to build CPU-only on purpose")
         if mode == "1":
-            sys.exit(f"error: BLIP_CUDA=1: {msg}")
-        print(f"\nWARNING: {msg}\n", file=sys.stderr)
+            sys.exit(f"error: BLIP_CUDA=1 asks for the CUDA kernels, but: {exc}")
+        print(f"\nWARNING: blip: building blip_kernels._C WITHOUT its CUDA kernels: {exc}; "
+              "or set BLIP_CUDA=0 to build CPU-only on purpose\n", file=sys.stderr)
         return None
     return found
 

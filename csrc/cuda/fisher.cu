@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<I>)
   const I k0 = static_cast<I>(blockIdx.x) * kTK;
   const I o0 = static_cast<I>(blockIdx.y) * kTO;
   const I grp = static_cast<I>(blockIdx.z / static_cast<unsigned>(slices));
-  const I s_begin = static_cast<I>(blockIdx.z % static_cast<unsigned>(slices)) * g.samples_per_block;
+  const I s_begin =
+      static_cast<I>(blockIdx.z % static_cast<unsigned>(slices)) * g.samples_per_block;
   const I s_end = min(g.n, s_begin + g.samples_per_block);
 
   float fish[4][4] = {};
@@ -151,7 +152,8 @@ bool fits_int32(const Geom<int64_t>& g, int64_t x_numel, int64_t c_numel) {
   const int64_t widest[] = {
       x_numel, c_numel, g.out_ch * g.kg,  // the three tensors
       g.H + 2 * g.ph, g.W + 2 * g.pw,     // input coordinates, padding included
-      g.kh * g.dh, g.kw * g.dw, g.P * g.sh, g.Wo * g.sw,
+      g.kh * g.dh, g.kw * g.dw, g.Wo * g.sw,
+      g.Wo > 0 ? (g.P / g.Wo) * g.sh : 0,  // Ho * stride (conv only; linear has no Wo)
       g.n + g.samples_per_block,
   };
   for (const int64_t v : widest) {
