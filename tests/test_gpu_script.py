@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "csrc" / "cuda"))
 import toolkit  # noqa: E402 - csrc/cuda/toolkit.py (a script, not a package)
 
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+import ptxas_report  # noqa: E402
+
 STEPS = ["env", "build", "backends", "op_tests", "bench", "train_blip", "train_finetune",
          "triton_tests", "index64", "properties"]
 
@@ -178,5 +181,7 @@ def test_cuda_kernels_do_not_spill():
     assert proc.returncode == 0, proc.stderr
     rows = [ln for ln in proc.stdout.splitlines() if "persample_fisher_kernel" in ln]
     assert len(rows) == 24  # 3 dtypes x linear/conv x int32/int64 x 2 archs
-    int32 = [ln for ln in rows if "int32" in ln]
-    assert int32 and all(ln.rstrip(" |").endswith("| 0") for ln in int32)  # no subroutines
+    calls = {ln.rstrip(" |").rsplit("|", 1)[1].strip() for ln in rows if "int32" in ln}
+    # No int64 div/mod subroutines on the 32-bit path ("?" only where no cuobjdump exists
+    # to count them: the Triton package and the toolkit both ship one).
+    assert calls == {"0"} or (calls == {"?"} and ptxas_report._cuobjdump() is None), calls

@@ -91,8 +91,9 @@ class Step:
     argv: list[str]
     timeout: float
     env: dict[str, str] = field(default_factory=dict)
-    # Called after the step with its output; may add figures to the step's record.
-    collect: object = None
+    # What to read into the step's record afterwards: "pytest" (counts, failed ids), a
+    # run directory (blip train's results.json), or fixed details (the build's arch).
+    collect: str | Path | dict | None = None
 
 
 @dataclass
@@ -168,7 +169,7 @@ def make_steps(out: Path, dry_run: bool, build: bool, scratch: Path) -> list[Ste
         try:
             import xdist  # noqa: F401, PLC0415 - optional: the GPU image has pytest-xdist
 
-            parallel = ["-n", "4"]  # Triton compiles per specialisation: spread it
+            parallel = ["-n", "8"]  # Triton compiles per specialisation: spread it
         except ImportError:
             pass
     steps = [Step("env", [PY, "-c", ENV_SNIPPET], 60)]
@@ -193,8 +194,7 @@ def make_steps(out: Path, dry_run: bool, build: bool, scratch: Path) -> list[Ste
     tiny = ["--tiny", "--device", "cpu"] if dry_run else []
     steps += [
         Step("op_tests", pytest + op_sel, 300, collect="pytest"),
-        Step("bench", [PY, str(HERE / "bench.py"), str(out / "bench.json"), *tiny], 300,
-             collect="bench"),
+        Step("bench", [PY, str(HERE / "bench.py"), str(out / "bench.json"), *tiny], 300),
     ]
     for method in ("blip", "finetune"):
         run_dir = scratch / f"train-{method}"
