@@ -17,7 +17,8 @@ as skipped, so the run ends inside the device lease):
   properties   tests/test_ops_properties.py on CUDA (hypothesis)
 
 ``--dry-run`` runs the same steps on CPU tensors with the CPU backends and tiny sizes
-(the rehearsal; the build step only resolves the toolkit and arch unless ``--build``).
+(the rehearsal; the build step only resolves the toolkit and arch unless ``--build``,
+which builds as on the GPU when this torch has CUDA, CPU-only otherwise).
 OUT_DIR gets at most 4 files (the device tool returns at most 8, two folders deep):
 results.json, results.md, run.log (every step's output) and bench.json.
 """
@@ -165,26 +166,30 @@ def make_steps(out: Path, dry_run: bool, build: bool, scratch: Path) -> list[Ste
     arch, arch_from = gpu_arch(dry_run)
     pytest = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
     parallel: list[str] = []
-    if not dry_run:
-        try:
-            import xdist  # noqa: F401, PLC0415 - optional: the GPU image has pytest-xdist
+    try:
+        import xdist  # noqa: F401, PLC0415 - optional: the GPU image has pytest-xdist
 
-            parallel = ["-n", "8"]  # Triton compiles per specialisation: spread it
-        except ImportError:
-            pass
+        # Triton compiles per specialisation: spread it (the rehearsal uses the same flag).
+        parallel = ["-n", "2" if dry_run else "8"]
+    except ImportError:
+        pass
     steps = [Step("env", [PY, "-c", ENV_SNIPPET], 60)]
     if dry_run and not build:
         steps.append(Step("build", [PY, str(ROOT / "csrc/cuda/toolkit.py"), "gencode"], 60,
                           {"BLIP_CUDA_ARCH": arch}))
     else:
+        # The rehearsal with --build under a CUDA torch runs the GPU command exactly.
+        import torch  # noqa: PLC0415 - only to know whether this torch has CUDA
+
+        cuda = "1" if (torch.version.cuda or not dry_run) else "0"
         steps.append(Step(
             "build", [PY, "setup.py", "build_ext", "--inplace"], 420,
-            {"BLIP_CUDA": "0" if dry_run else "1", "BLIP_CUDA_ARCH": arch,
-             "MAX_JOBS": str(os.cpu_count() or 16)}))
+            {"BLIP_CUDA": cuda, "BLIP_CUDA_ARCH": arch, "MAX_JOBS": str(os.cpu_count() or 16)}))
     steps[-1].collect = {"arch": arch, "arch_from": arch_from}
     steps.append(Step("backends", [PY, "-c", BACKENDS_SNIPPET, dev], 120))
     if dry_run:  # a few of each kind; the Triton interpreter is too slow for all
-        op_sel = ["tests/test_ops.py", "-k", "cpp-cpu and (conformance or fisher_linear)"]
+        op_sel = ["tests/test_ops.py", "-k", "cpp-cpu and (conformance or fisher_linear)",
+                  *parallel]
         tri_sel = ["tests/test_triton_backend.py", "-k", "vectors_quantize"]
         prop_sel = ["tests/test_ops_properties.py", "-k", "cpp-cpu"]
     else:
@@ -301,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=470.0,
                     help="seconds for all steps together (default 470: inside 8 minutes)")
     ap.add_argument("--build", action="store_true",
-                    help="with --dry-run: really build (CPU-only) instead of resolving")
+                    help="with --dry-run: really build (with CUDA when torch has it)")
     ap.add_argument("--only", default="", help="comma-separated step names to run")
     args = ap.parse_args(argv)
     out = args.out_dir.resolve()
