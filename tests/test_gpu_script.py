@@ -20,8 +20,8 @@ import toolkit  # noqa: E402 - csrc/cuda/toolkit.py (a script, not a package)
 sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 import ptxas_report  # noqa: E402
 
-STEPS = ["env", "build", "backends", "op_tests", "bench", "train_blip", "train_finetune",
-         "triton_tests", "index64", "properties"]
+STEPS = ["env", "build", "backends", "op_tests_cpp", "op_tests_triton", "bench", "train_blip",
+         "train_finetune", "triton_tests", "index64", "properties"]
 
 
 def _run_script(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -45,8 +45,9 @@ def test_dry_run_passes_every_step_and_writes_the_results(tmp_path):
     assert [s["name"] for s in res["steps"]] == STEPS
     assert {s["name"]: s["status"] for s in res["steps"]} == dict.fromkeys(STEPS, "passed")
     assert all(s["seconds"] > 0 for s in res["steps"])
-    tests = {s["name"]: s["details"]["counts"] for s in res["steps"] if s["name"].endswith(
-        "tests") or s["name"] == "properties"}
+    tests = {s["name"]: s["details"]["counts"] for s in res["steps"]
+             if "tests" in s["name"] or s["name"] == "properties"}
+    assert len(tests) == 4
     assert all(c.get("passed", 0) > 0 and not c.get("failed") for c in tests.values()), tests
     # the benchmark rows carry their same-run ratios, and none failed
     rows = res["bench"]
@@ -71,14 +72,14 @@ def test_a_failing_step_is_recorded_and_the_next_steps_still_run(tmp_path):
     out = tmp_path / "out"
     # A selection that matches nothing: pytest exits 5, which must count as a failure (on
     # a GPU a CUDA selection that matches nothing means CUDA was not there).
-    proc = _run_script(out, "--dry-run", "--only", "op_tests,index64",
+    proc = _run_script(out, "--dry-run", "--only", "op_tests_cpp,index64",
                        env={"PYTEST_ADDOPTS": "-m no_test_has_this_marker"})
     assert proc.returncode == 1
     steps = {s["name"]: s for s in _results(out)["steps"]}
-    assert list(steps) == ["op_tests", "index64"]
-    assert steps["op_tests"]["status"] == "failed" and steps["op_tests"]["rc"] == 5
+    assert list(steps) == ["op_tests_cpp", "index64"]
+    assert steps["op_tests_cpp"]["status"] == "failed" and steps["op_tests_cpp"]["rc"] == 5
     assert steps["index64"]["status"] == "passed"
-    assert "| op_tests | failed |" in (out / "results.md").read_text()
+    assert "| op_tests_cpp | failed |" in (out / "results.md").read_text()
 
 
 def test_steps_past_the_time_budget_are_recorded_as_skipped(tmp_path):

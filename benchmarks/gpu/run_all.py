@@ -9,7 +9,8 @@ as skipped, so the run ends inside the device lease):
   env          versions, GPU, toolkit
   build        blip_kernels._C with CUDA for this card's arch only (MAX_JOBS=16)
   backends     cpp and triton really usable on CUDA, _C.has_cuda()
-  op_tests     tests/test_ops.py on CUDA: reference, cpp, triton; fp32/bf16/fp16
+  op_tests_cpp, op_tests_triton   tests/test_ops.py on CUDA, per backend, against the
+               reference and the conformance vectors; fp32/bf16/fp16
   bench        benchmarks/gpu/bench.py: bandwidth vs copy, Fisher vs GEMM, train step
   train_blip, train_finetune   `python -m blip train --device cuda` on pdigits
   triton_tests tests/test_triton_backend.py on CUDA (Triton vs the reference)
@@ -187,18 +188,28 @@ def make_steps(out: Path, dry_run: bool, build: bool, scratch: Path) -> list[Ste
             {"BLIP_CUDA": cuda, "BLIP_CUDA_ARCH": arch, "MAX_JOBS": str(os.cpu_count() or 16)}))
     steps[-1].collect = {"arch": arch, "arch_from": arch_from}
     steps.append(Step("backends", [PY, "-c", BACKENDS_SNIPPET, dev], 120))
+    try:
+        import pytest_timeout  # noqa: F401, PLC0415 - optional: the GPU image has it
+
+        pytest.append("--timeout=120")  # a hung test fails alone, not its whole step
+    except ImportError:
+        pass
+    ops = "tests/test_ops.py"
     if dry_run:  # a few of each kind; the Triton interpreter is too slow for all
-        op_sel = ["tests/test_ops.py", "-k", "cpp-cpu and (conformance or fisher_linear)",
-                  *parallel]
+        cpp_sel = [ops, "-k", "cpp-cpu and (conformance or fisher_linear)", *parallel]
+        triton_sel = [ops, "-k", "triton-cpu and conformance_quantize"]
         tri_sel = ["tests/test_triton_backend.py", "-k", "vectors_quantize"]
         prop_sel = ["tests/test_ops_properties.py", "-k", "cpp-cpu"]
     else:
-        op_sel = ["tests/test_ops.py", "-k", "cuda", *parallel]
+        # cpp and reference first: fast, and not lost if Triton's compiles run long.
+        cpp_sel = [ops, "-k", "cpp-cuda or reference-cuda", *parallel]
+        triton_sel = [ops, "-k", "triton-cuda", *parallel]
         tri_sel = ["tests/test_triton_backend.py", *parallel]
         prop_sel = ["tests/test_ops_properties.py", "-k", "cuda"]
     tiny = ["--tiny", "--device", "cpu"] if dry_run else []
     steps += [
-        Step("op_tests", pytest + op_sel, 300, collect="pytest"),
+        Step("op_tests_cpp", pytest + cpp_sel, 180, collect="pytest"),
+        Step("op_tests_triton", pytest + triton_sel, 300, collect="pytest"),
         Step("bench", [PY, str(HERE / "bench.py"), str(out / "bench.json"), *tiny], 300),
     ]
     for method in ("blip", "finetune"):
