@@ -51,7 +51,7 @@ def test_dry_run_passes_every_step_and_writes_the_results(tmp_path):
     assert all(c.get("passed", 0) > 0 and not c.get("failed") for c in tests.values()), tests
     # the benchmark rows carry their same-run ratios, and none failed
     rows = res["bench"]
-    assert rows and not [r for r in rows if r["variant"] == "FAILED"]
+    assert rows and not [r for r in rows if "error" in r]
     assert {r["group"].split("/")[0] for r in rows} >= {
         "step", "project", "quantize_ste", "sync", "fisher_linear", "fisher_linear_seq",
         "fisher_conv2d", "train_step"}
@@ -186,3 +186,25 @@ def test_cuda_kernels_do_not_spill():
     # No int64 div/mod subroutines on the 32-bit path ("?" only where no cuobjdump exists
     # to count them: the Triton package and the toolkit both ship one).
     assert calls == {"0"} or (calls == {"?"} and ptxas_report._cuobjdump() is None), calls
+
+
+def test_bench_records_a_failing_variant_and_times_the_others(tmp_path, monkeypatch):
+    import bench  # benchmarks/gpu/bench.py
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(bench.bk, "fisher_conv2d_", broken)
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()  # --tiny sets one thread: give the session its own back
+    try:
+        assert bench.main([str(out), "--tiny", "--device", "cpu", "--repeats", "1"]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["group"].startswith("fisher_conv")]
+    failed = {r["variant"] for r in rows if "error" in r}
+    assert failed == set(bench._backends(torch.device("cpu")))
+    assert all("planted failure" in r["error"] for r in rows if "error" in r)
+    timed = {r["variant"]: r for r in rows if "seconds" in r}
+    assert set(timed) == {"gemm-only", "replication"}
+    assert timed["replication"]["speed_vs_gemm-only"] > 0

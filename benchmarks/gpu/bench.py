@@ -11,7 +11,8 @@
 * a full training step, BLIP against finetune, on the MNIST-5 MLP.
 
 ``--tiny`` runs the same cases with small CPU-sized tensors (the CPU rehearsal).
-Writes a JSON list of rows: {"group", "variant", "seconds", ...ratios}.
+Writes a JSON list of rows: {"group", "variant", "seconds", ...ratios}; a variant that
+raises gets a row with its "error" instead, the rest still run, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def _backends(device: torch.device) -> list[str]:
     return [n for n in names if not (n == "triton" and device.type == "cpu")]
 
 
+def _failed(group: str, variant: str, exc: Exception) -> dict:
+    """A row for a variant that raised: recorded, and the other variants still run."""
+    print(f"{group} {variant}: FAILED {type(exc).__name__}: {exc}", flush=True)
+    return {"group": group, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
 def _with(backend: str, fn: Fn) -> Fn:
     def run() -> None:
         with bk.use_backend(backend):
@@ -124,7 +131,11 @@ def elementwise(timer: Timer, n: int, inner: int) -> list[dict]:
                      "GB_per_s": copy_bw / 1e9, "fraction_of_copy_bw": 1.0})
         del half, dst
         for backend in _backends(dev):
-            t = timer(_with(backend, make()), inner)
+            try:
+                t = timer(_with(backend, make()), inner)
+            except Exception as exc:  # noqa: BLE001 - one backend's failure is a result too
+                rows.append(_failed(group, backend, exc))
+                continue
             rows.append({"group": group, "variant": backend, "seconds": t,
                          "GB_per_s": nbytes / t / 1e9, "fraction_of_copy_bw": nbytes / t /
                          copy_bw})
@@ -138,12 +149,20 @@ def _fisher_rows(timer: Timer, group: str, flops: float, variants: dict[str, Fn]
                  gemm: str) -> list[dict]:
     rows = []
     for variant, fn in variants.items():
-        t = timer(fn)
+        try:
+            t = timer(fn)
+            peak = timer.peak_extra_mb(fn)
+        except Exception as exc:  # noqa: BLE001 - one variant's failure is a result too
+            rows.append(_failed(group, variant, exc))
+            continue
         rows.append({"group": group, "variant": variant, "seconds": t,
-                     "TFLOP_per_s": flops / t / 1e12, "peak_extra_MB": timer.peak_extra_mb(fn)})
-    by = {r["variant"]: r["seconds"] for r in rows}
+                     "TFLOP_per_s": flops / t / 1e12, "peak_extra_MB": peak})
+    by = {r["variant"]: r["seconds"] for r in rows if "seconds" in r}
     for r in rows:
-        r[f"speed_vs_{gemm}"] = by[gemm] / r["seconds"]
+        if "seconds" not in r:
+            continue
+        if gemm in by:
+            r[f"speed_vs_{gemm}"] = by[gemm] / r["seconds"]
         if "replication" in by:
             r["speedup_vs_replication"] = by["replication"] / r["seconds"]
     return rows
@@ -278,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
             new = run()
         except Exception as exc:  # noqa: BLE001 - record it and go on with the other cases
             failed.append(name)
-            rows.append({"group": name, "variant": "FAILED", "error": f"{type(exc).__name__}: "
-                         f"{exc}"[:2000]})
-            print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            rows.append(_failed(name, "(whole case)", exc))
         else:
             rows.extend(new)
+            failed += [f"{r['group']} {r['variant']}" for r in new if "error" in r]
             for r in new:
+                if "error" in r:
+                    continue
                 extras = " ".join(f"{k}={v:.3g}" for k, v in r.items()
                                   if isinstance(v, float) and k != "seconds")
                 print(f"{r['group']:<44} {r['variant']:<12} {r['seconds'] * 1e3:10.4f} ms "

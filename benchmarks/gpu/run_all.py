@@ -285,9 +285,9 @@ def write_markdown(path: Path, meta: dict, records: list[Record], bench: list[di
                   "vs replication | peak extra MB | vs finetune |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in bench:
-            if r.get("variant") == "FAILED":
-                lines.append(f"| {r['group']} | FAILED: {r.get('error', '')[:120]} "
-                             "| | | | | | | | |")
+            if "error" in r:
+                err = r["error"][:120].replace("|", "/")
+                lines.append(f"| {r['group']} | {r['variant']} FAILED: {err} | | | | | | | | |")
                 continue
             vs_gemm = next((v for k, v in r.items() if k.startswith("speed_vs_")), None)
             frac = r.get("fraction_of_copy_bw")
