@@ -2,8 +2,14 @@
 
 * CPU kernels (OpenMP) are always built.
 * The CUDA kernels (csrc/cuda/*.cu) are compiled with nvcc and linked in when torch
-  itself has CUDA and a toolkit is found (CUDA_HOME); the extension then defines
-  ``BLIP_WITH_CUDA``.
+  itself has CUDA and a CUDA toolkit of the same major version is found (search order
+  in csrc/cuda/toolkit.py: CUDA_HOME, CUDA_PATH, the toolkit behind ``nvcc`` on PATH,
+  /usr/local/cuda*); the extension then defines ``BLIP_WITH_CUDA``. Without a toolkit
+  the build goes on CPU-only with one warning saying what is missing.
+* ``BLIP_CUDA=1`` makes a missing toolkit (or a CPU-only torch) an error instead;
+  ``BLIP_CUDA=0`` builds CPU-only even with a CUDA torch.
+* ``BLIP_CUDA_ARCH`` (default ``8.0;9.0+PTX``, TORCH_CUDA_ARCH_LIST style) chooses
+  the GPU targets; ``+PTX`` adds PTX for newer GPUs.
 * ``BLIP_NO_EXT=1`` skips the native build entirely; the package still imports and
   runs on the reference / triton backends.
 
@@ -12,8 +18,12 @@ torch must already be installed: ``pip install --no-build-isolation [-e] .``.
 
 from __future__ import annotations
 
+import functools
 import glob
+import importlib.util
 import os
+import sys
+from types import ModuleType
 
 from setuptools import setup
 
@@ -25,10 +35,53 @@ def _rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+@functools.cache
+def _toolkit_module() -> ModuleType:
+    # csrc/cuda/toolkit.py is shared with CMakeLists.txt; load it by path (not a package).
+    spec = importlib.util.spec_from_file_location(
+        "blip_cuda_toolkit", os.path.join(ROOT, "csrc", "cuda", "toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cuda_toolkit(torch: ModuleType) -> object | None:
+    """The toolkit to build the CUDA kernels with, or None for a CPU-only build."""
+    mode = os.environ.get("BLIP_CUDA", "")
+    if mode not in ("", "0", "1"):
+        sys.exit(f"error: BLIP_CUDA={mode!r}: use 1 (CUDA kernels required), 0 (CPU-only) "
+                 "or leave it unset (CUDA kernels when torch and a toolkit have CUDA)")
+    if mode == "0":
+        return None
+    if not torch.version.cuda:
+        if mode == "1":
+            sys.exit(f"error: BLIP_CUDA=1 but torch {torch.__version__} is a CPU-only build; "
+                     "install a CUDA build of torch (e.g. pip install torch==2.14.1) first")
+        return None  # CPU torch: the CPU-only build, as intended
+    toolkit = _toolkit_module()
+    try:
+        found = toolkit.find_toolkit(torch.version.cuda)
+    except toolkit.ToolkitError as exc:
+        if mode == "1":
+            sys.exit(f"error: BLIP_CUDA=1 asks for the CUDA kernels, but: {exc}")
+        print(f"\nWARNING: blip: building blip_kernels._C WITHOUT its CUDA kernels: {exc}; "
+              "or set BLIP_CUDA=0 to build CPU-only on purpose\n", file=sys.stderr)
+        return None
+    return found
+
+
 def _ext_modules() -> tuple[list, dict]:
     if os.environ.get("BLIP_NO_EXT", "0") not in ("", "0"):
         return [], {}
     import torch
+
+    found = _cuda_toolkit(torch)
+    if found is not None:
+        # torch.utils.cpp_extension reads CUDA_HOME once, at import: point it at the
+        # toolkit found (torch's own guess is the wrapper's directory when the nvcc on
+        # PATH is a wrapper script), and also set it on the module in case it was imported.
+        os.environ["CUDA_HOME"] = str(found.root)
     from torch.utils import cpp_extension
 
     # No -march=native (wheels and CI machines differ); no -ffast-math and no FMA
@@ -43,18 +96,21 @@ def _ext_modules() -> tuple[list, dict]:
         "extra_link_args": ["-fopenmp"],
         "include_dirs": [os.path.join(ROOT, "csrc")],
     }
-    with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
-    if with_cuda:
+    if found is not None:
+        cpp_extension.CUDA_HOME = str(found.root)
+        try:
+            # Explicit -gencode flags also stop torch adding its TORCH_CUDA_ARCH_LIST ones.
+            toolkit = _toolkit_module()
+            spec = os.environ.get("BLIP_CUDA_ARCH") or toolkit.DEFAULT_ARCH
+            gencode = toolkit.gencode_flags(spec)
+        except ValueError as exc:
+            sys.exit(f"error: {exc}")
         kwargs["extra_compile_args"]["cxx"].append("-DBLIP_WITH_CUDA")
         kwargs["extra_compile_args"]["nvcc"] = [
-            "-O3",
-            "-std=c++17",
-            "--fmad=false",
-            "-DBLIP_WITH_CUDA",
-            "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90,code=sm_90",
-            "-gencode=arch=compute_90,code=compute_90",
+            "-O3", "-std=c++17", "--fmad=false", "-DBLIP_WITH_CUDA", *gencode,
         ]
+        print(f"blip: CUDA kernels with {found.nvcc} (CUDA {found.version[0]}."
+              f"{found.version[1]}), {' '.join(gencode)}", file=sys.stderr)
         ext = cpp_extension.CUDAExtension(
             "blip_kernels._C", sources + _rel("csrc/cuda/*.cu"), **kwargs
         )

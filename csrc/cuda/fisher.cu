@@ -4,6 +4,10 @@
 // g[o, k] = sum_p co[o, p] * col[k, p] in registers (shared-memory tiles over the
 // positions p; conv columns come from an implicit im2col), squares it and adds it to
 // a register accumulator. Extra memory: none beyond shared memory.
+#include <stdint.h>
+
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace blip::cuda {
@@ -14,59 +18,75 @@ constexpr int kTK = 64;  // reduction-free K (= C_in/groups * kh * kw or in_feat
 constexpr int kTP = 16;  // positions per shared-memory stage
 constexpr int kPad = 4;  // keeps rows 16-byte aligned and spreads banks
 
+// Sizes and strides of one launch. The index type I is int32_t whenever every
+// tensor the kernel addresses has fewer than 2^31 elements (checked on the host):
+// 64-bit `/` and `%` are software subroutines on the GPU that also cost the
+// registers that made this kernel spill; 32-bit ones are a few inline instructions.
+template <typename I>
 struct Geom {
-  int64_t n;
-  int64_t C, H, W;             // conv input (linear: unused)
-  int64_t kh, kw;              // conv kernel
-  int64_t sh, sw, ph, pw, dh, dw;
-  int64_t out_ch, cout_g, kg;  // total outputs, outputs per group, K per group
-  int64_t cin_g;
-  int64_t P, Wo;               // positions per sample (conv: Ho*Wo; linear: L)
-  int64_t samples_per_block;
+  I n;
+  I C, H, W;             // conv input (linear: unused)
+  I kh, kw;              // conv kernel
+  I sh, sw, ph, pw, dh, dw;
+  I out_ch, cout_g, kg;  // total outputs, outputs per group, K per group
+  I cin_g;
+  I P, Wo;               // positions per sample (conv: Ho*Wo; linear: L)
+  I samples_per_block;
 };
 
 // grad_out element (o within the group, position p) of sample s.
-template <typename T, bool kConv>
-__device__ __forceinline__ float load_co(const T* c, const Geom& g, int64_t s, int64_t grp,
-                                         int64_t o, int64_t p) {
+template <typename T, bool kConv, typename I>
+__device__ __forceinline__ float load_co(const T* c, const Geom<I>& g, I s, I grp, I o, I p) {
   if (kConv) return ld(c[((s * g.out_ch) + grp * g.cout_g + o) * g.P + p]);
   return ld(c[(s * g.P + p) * g.out_ch + o]);
 }
 
 // Column element (k, p) of sample s: the implicit im2col for conv, x itself for linear.
-template <typename T, bool kConv>
-__device__ __forceinline__ float load_col(const T* x, const Geom& g, int64_t s, int64_t grp,
-                                          int64_t k, int64_t p) {
+// k and p are never negative, so the decode divides unsigned (cheaper than signed).
+template <typename T, bool kConv, typename I>
+__device__ __forceinline__ float load_col(const T* x, const Geom<I>& g, I s, I grp, I k, I p) {
   if (!kConv) return ld(x[(s * g.P + p) * g.kg + k]);
-  const int64_t kx = k % g.kw;
-  const int64_t ky = (k / g.kw) % g.kh;
-  const int64_t ci = k / (g.kw * g.kh);
-  const int64_t oy = p / g.Wo, ox = p % g.Wo;
-  const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-  const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+  using U = typename std::make_unsigned<I>::type;
+  const U uk = static_cast<U>(k), up = static_cast<U>(p);
+  const U kyx = uk / static_cast<U>(g.kw);
+  const I kx = static_cast<I>(uk - kyx * static_cast<U>(g.kw));
+  const U ci = kyx / static_cast<U>(g.kh);
+  const I ky = static_cast<I>(kyx - ci * static_cast<U>(g.kh));
+  const U oy = up / static_cast<U>(g.Wo);
+  const I ox = static_cast<I>(up - oy * static_cast<U>(g.Wo));
+  const I iy = static_cast<I>(oy) * g.sh - g.ph + ky * g.dh;
+  const I ix = ox * g.sw - g.pw + kx * g.dw;
   if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return 0.0f;
-  return ld(x[((s * g.C + grp * g.cin_g + ci) * g.H + iy) * g.W + ix]);
+  return ld(x[((s * g.C + grp * g.cin_g + static_cast<I>(ci)) * g.H + iy) * g.W + ix]);
 }
 
 // grid: (K tiles, out tiles, groups * sample slices); block: 256 threads, 4x4 each.
-template <typename T, bool kConv>
-__global__ void __launch_bounds__(kThreads)
+// Minimum resident blocks per SM: without it ptxas caps the kernel at 64 registers and
+// spills; 3 blocks (<= 85 registers) fit the 32-bit path with no spills, while the 64-bit
+// path's wider indices need 2 (<= 128 registers) to stay spill-free (ptxas -v, sm_80/sm_90;
+// see benchmarks/gpu/README.md).
+template <typename I>
+constexpr int kMinBlocks = sizeof(I) == 4 ? 3 : 2;
+
+template <typename T, bool kConv, typename I>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<I>)
     persample_fisher_kernel(float* __restrict__ fisher, const T* __restrict__ x,
-                            const T* __restrict__ c, Geom g, int64_t slices, float scale) {
+                            const T* __restrict__ c, Geom<I> g, I slices, float scale) {
   __shared__ __align__(16) float As[kTP][kTO + kPad];  // co tile, [p][o]
   __shared__ __align__(16) float Bs[kTP][kTK + kPad];  // col tile, [p][k]
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kTK;
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kTO;
-  const int64_t grp = blockIdx.z / slices;
-  const int64_t s_begin = (blockIdx.z % slices) * g.samples_per_block;
-  const int64_t s_end = min(g.n, s_begin + g.samples_per_block);
+  const I k0 = static_cast<I>(blockIdx.x) * kTK;
+  const I o0 = static_cast<I>(blockIdx.y) * kTO;
+  const I grp = static_cast<I>(blockIdx.z / static_cast<unsigned>(slices));
+  const I s_begin =
+      static_cast<I>(blockIdx.z % static_cast<unsigned>(slices)) * g.samples_per_block;
+  const I s_end = min(g.n, s_begin + g.samples_per_block);
 
   float fish[4][4] = {};
-  for (int64_t s = s_begin; s < s_end; ++s) {
+  for (I s = s_begin; s < s_end; ++s) {
     float acc[4][4] = {};
-    for (int64_t p0 = 0; p0 < g.P; p0 += kTP) {
+    for (I p0 = 0; p0 < g.P; p0 += kTP) {
       // Conv: positions are contiguous in memory, so consecutive threads take
       // consecutive p; linear: channels are, so they take consecutive o / k.
       for (int e = tid; e < kTO * kTP; e += kThreads) {
@@ -105,11 +125,14 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  // Unrolled, so fish[][] stays in registers (a run-time index would put it in local memory).
+#pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int64_t o = o0 + ty * 4 + i;
+    const I o = o0 + ty * 4 + i;
     if (o >= g.cout_g) continue;
+#pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int64_t k = k0 + tx * 4 + j;
+      const I k = k0 + tx * 4 + j;
       if (k >= g.kg) continue;
       float* dst = fisher + (grp * g.cout_g + o) * g.kg + k;
       // One slice owns its tile outright; several slices add their partial sums.
@@ -122,9 +145,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// True when every index the kernel forms fits in int32. Tiles overhang the tensors by
+// less than one tile (bounds are checked before each load), hence the slack.
+bool fits_int32(const Geom<int64_t>& g, int64_t x_numel, int64_t c_numel) {
+  constexpr int64_t kLimit = INT32_MAX - 4 * (kTO + kTK + kTP);
+  const int64_t widest[] = {
+      x_numel, c_numel, g.out_ch * g.kg,  // the three tensors
+      g.H + 2 * g.ph, g.W + 2 * g.pw,     // input coordinates, padding included
+      g.kh * g.dh, g.kw * g.dw, g.Wo * g.sw,
+      g.Wo > 0 ? (g.P / g.Wo) * g.sh : 0,  // Ho * stride (conv only; linear has no Wo)
+      g.n + g.samples_per_block,
+  };
+  for (const int64_t v : widest) {
+    if (v < 0 || v > kLimit) return false;
+  }
+  return true;
+}
+
+template <typename I>
+Geom<I> narrow(const Geom<int64_t>& g) {
+  return Geom<I>{static_cast<I>(g.n),      static_cast<I>(g.C),      static_cast<I>(g.H),
+                 static_cast<I>(g.W),      static_cast<I>(g.kh),     static_cast<I>(g.kw),
+                 static_cast<I>(g.sh),     static_cast<I>(g.sw),     static_cast<I>(g.ph),
+                 static_cast<I>(g.pw),     static_cast<I>(g.dh),     static_cast<I>(g.dw),
+                 static_cast<I>(g.out_ch), static_cast<I>(g.cout_g), static_cast<I>(g.kg),
+                 static_cast<I>(g.cin_g),  static_cast<I>(g.P),      static_cast<I>(g.Wo),
+                 static_cast<I>(g.samples_per_block)};
+}
+
 template <bool kConv>
-int launch(float* fisher, const void* x, const void* c, int dtype, Geom g, int64_t groups,
-           float scale, cudaStream_t stream) {
+int launch(float* fisher, const void* x, const void* c, int dtype, Geom<int64_t> g,
+           int64_t groups, int64_t x_numel, float scale, cudaStream_t stream) {
   if (g.n == 0 || g.kg == 0 || g.cout_g == 0) return 0;
   const int64_t ktiles = (g.kg + kTK - 1) / kTK;
   const int64_t otiles = (g.cout_g + kTO - 1) / kTO;
@@ -138,10 +189,18 @@ int launch(float* fisher, const void* x, const void* c, int dtype, Geom g, int64
   if (groups * slices > 65535 || otiles > 65535) return static_cast<int>(cudaErrorInvalidValue);
   const dim3 grid(static_cast<unsigned>(ktiles), static_cast<unsigned>(otiles),
                   static_cast<unsigned>(groups * slices));
+  const bool narrow_ok = fits_int32(g, x_numel, g.n * g.out_ch * g.P);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    persample_fisher_kernel<T, kConv><<<grid, kThreads, 0, stream>>>(
-        fisher, static_cast<const T*>(x), static_cast<const T*>(c), g, slices, scale);
+    const T* xt = static_cast<const T*>(x);
+    const T* ct = static_cast<const T*>(c);
+    if (narrow_ok) {
+      persample_fisher_kernel<T, kConv, int32_t><<<grid, kThreads, 0, stream>>>(
+          fisher, xt, ct, narrow<int32_t>(g), static_cast<int32_t>(slices), scale);
+    } else {
+      persample_fisher_kernel<T, kConv, int64_t><<<grid, kThreads, 0, stream>>>(
+          fisher, xt, ct, g, slices, scale);
+    }
     return static_cast<int>(cudaGetLastError());
   });
 }
@@ -152,13 +211,14 @@ int launch(float* fisher, const void* x, const void* c, int dtype, Geom g, int64
 extern "C" int blip_cuda_fisher_linear_seq(float* fisher_w, const void* x, const void* grad_out,
                                            int dtype, int64_t n, int64_t L, int64_t in_f,
                                            int64_t out_f, float scale, cudaStream_t stream) {
-  blip::cuda::Geom g{};
+  blip::cuda::Geom<int64_t> g{};
   g.n = n;
   g.out_ch = out_f;
   g.cout_g = out_f;
   g.kg = in_f;
   g.P = L;
-  return blip::cuda::launch<false>(fisher_w, x, grad_out, dtype, g, 1, scale, stream);
+  return blip::cuda::launch<false>(fisher_w, x, grad_out, dtype, g, 1, n * L * in_f, scale,
+                                          stream);
 }
 
 extern "C" int blip_cuda_fisher_conv2d(float* fisher_w, const void* x, const void* grad_out,
@@ -168,7 +228,7 @@ extern "C" int blip_cuda_fisher_conv2d(float* fisher_w, const void* x, const voi
                                        int64_t pad_h, int64_t pad_w, int64_t dil_h,
                                        int64_t dil_w, int64_t groups, float scale,
                                        cudaStream_t stream) {
-  blip::cuda::Geom g{};
+  blip::cuda::Geom<int64_t> g{};
   g.n = n;
   g.C = C;
   g.H = H;
@@ -187,5 +247,6 @@ extern "C" int blip_cuda_fisher_conv2d(float* fisher_w, const void* x, const voi
   g.kg = g.cin_g * kh * kw;
   g.P = Ho * Wo;
   g.Wo = Wo;
-  return blip::cuda::launch<true>(fisher_w, x, grad_out, dtype, g, groups, scale, stream);
+  return blip::cuda::launch<true>(fisher_w, x, grad_out, dtype, g, groups, n * C * H * W,
+                                         scale, stream);
 }
