@@ -1,4 +1,4 @@
-"""Throughput of the continual-RL pieces: ``python -m blip.rl.bench [--suite ...]``.
+"""Throughput of the continual-RL pieces: ``python benchmarks/rl_throughput.py [--suite ...]``.
 
 * env steps/s of the vectorised envs under random actions (ALE: ale-py's worker
   threads = ``--threads``);
@@ -15,10 +15,10 @@ import time
 import numpy as np
 import torch
 
-from .agent import build_agent
-from .envs import SUITES, make_env
-from .methods import make_method
-from .ppo import PPOConfig, collect, make_batch, ppo_update
+from blip.rl.agent import build_agent
+from blip.rl.envs import SUITES, make_env
+from blip.rl.methods import make_method
+from blip.rl.ppo import PPOConfig, collect, make_batch, ppo_update
 
 
 def env_throughput(suite: str, game: str, envs: int, threads: int, seconds: float = 3.0
@@ -63,8 +63,8 @@ def update_time(suite: str, method: str, envs: int, cfg: PPOConfig, repeats: int
 
 def projection_time(suite: str, repeats: int = 200) -> float:
     """Seconds of one BLIP projection of the whole trunk (what each Adam step adds)."""
-    from ..strategy import BLIP
-    from .agent import HEADS
+    from blip.rl.agent import HEADS
+    from blip.strategy import BLIP
 
     model = build_agent(suite, [6], F_prior=5e-18)
     strategy = BLIP(model, F_prior=5e-18, exclude=HEADS)
@@ -78,7 +78,7 @@ def projection_time(suite: str, repeats: int = 200) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m blip.rl.bench")
+    p = argparse.ArgumentParser(prog="python benchmarks/rl_throughput.py")
     p.add_argument("--suite", choices=sorted(SUITES), nargs="+", default=sorted(SUITES))
     p.add_argument("--envs", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="ALE worker threads")

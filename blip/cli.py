@@ -11,7 +11,7 @@ from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .data import BENCHMARKS
+    from .classification.data import BENCHMARKS
 
     p = argparse.ArgumentParser(prog="blip", description="Continual learning with BLIP.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,7 +161,7 @@ def _methods_text() -> str:
 
 
 def _train(a: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, default_run_dir, train
+    from .classification.trainer import TrainConfig, default_run_dir, train
 
     method_kwargs = parse_hp(a.hp)
     if a.forward_mode is not None:
@@ -180,7 +180,7 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from .compare import compare
+    from .classification.compare import compare
 
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -215,7 +215,7 @@ def _rl(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataFormatError
+    from .classification.data import DataFormatError
 
     a = _parser().parse_args(argv)
     try:
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "compare":
             return _compare(a)
         if a.command == "report":
-            from .report import load_results, report
+            from .classification.report import load_results, report
 
             if a.json:
                 print(json.dumps({d: load_results(d) for d in a.runs}, indent=1))
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "rl":
             return _rl(a)
         if a.command == "presets":
-            from .presets import PRESETS
+            from .classification.presets import PRESETS
 
             for name, p in PRESETS.items():
                 print(f"{name}: {p.to_dict()}")

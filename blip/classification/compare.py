@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .checkpoint import write_text_atomic
+from ..runs import metrics
+from ..runs.checkpoint import write_text_atomic
 from .report import load_results
 from .trainer import RESULTS, TrainConfig, train
 
@@ -42,7 +42,7 @@ def run_all(benchmark: str, methods: Sequence[str], seeds: Sequence[int], out: s
     """Results of every (method, seed), running the missing ones; grouped by method.
     ``hparams[method]`` holds that method's hyper-parameters (default: its defaults)."""
     out = Path(out)
-    from .methods import METHODS
+    from ..methods import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:  # before any run starts

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from ..runs import metrics
 from .trainer import RESULTS
 
 

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
-from . import metrics
+from ..runs import checkpoint as ckpt
+from ..runs import metrics
 from .data import TaskData, TaskStream, load_benchmark
 from .presets import get_preset
 
@@ -129,7 +129,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
-    from . import models
+    from .. import models
 
     cpt = stream.classes_per_task
     if cfg.model == "mlp":
@@ -205,7 +205,7 @@ class Trainer:
         return s
 
     def _setup(self, stream: TaskStream):
-        from .methods import make_method
+        from ..methods import make_method
 
         seed_everything(self.cfg.seed)
         model = build_model(self.cfg, stream)
@@ -302,7 +302,7 @@ class Trainer:
 
     def _bits_stats(self, net: nn.Module) -> tuple[dict[str, list[int]], dict[str, float]]:
         """Histogram of frozen bits per quantized layer, and used capacity."""
-        from .nn import quantized_layers
+        from ..nn import quantized_layers
 
         hist: dict[str, list[int]] = {}
         sums: dict[str, tuple[int, int]] = {}

@@ -18,23 +18,24 @@ Trainer protocol, per run::
         stats = method.after_task(task, train_x, train_y)
     method.state_dict() / load_state_dict()       # beside model.state_dict() in checkpoints
 
-To add a method: subclass :class:`Method`, set ``name`` and ``HPARAMS`` (the accepted
-hyper-parameters with defaults), decorate with :func:`register`.
+To add a method: one file in this package, a :class:`Method` subclass with ``name`` and
+``HPARAMS`` (the accepted hyper-parameters with defaults) decorated with :func:`register`,
+and its import in ``__init__.py`` (see README.md here).
+
+Randomness: a method's ``seed`` hyper-parameter seeds its own CPU generators per task
+(:func:`task_generator`); with ``seed=None`` its draws come from torch's global RNG,
+which the trainer re-seeds from ``(run seed, task)`` before every task, so runs are
+reproducible and resumable either way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .nn import quantized_layers
-from .optim import ConstrainedSGD
-from .strategy import BLIP
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -134,127 +135,66 @@ def make_method(name: str, model: nn.Module, **hparams: Any) -> Method:
     return cls(model, **hparams)
 
 
-@register
-class Finetune(Method):
-    """Plain SGD on everything: the forgetting baseline."""
+# -- helpers shared by the methods ---------------------------------------------------------
 
-    name = "finetune"
+Params = dict[str, Tensor]
 
 
-@register
-class Freeze(Method):
-    """Train everything on task 0, then only the current task's head (trunk frozen,
-    BatchNorm running statistics included)."""
-
-    name = "freeze"
-
-    def _heads(self) -> nn.ModuleList:
-        heads = getattr(self.model, "heads", None)
-        if not isinstance(heads, nn.ModuleList):
-            raise ValueError("method 'freeze' needs a model with a `heads` nn.ModuleList")
-        return heads
-
-    def prepare(self) -> nn.Module:
-        self._heads()
-        return self.model
-
-    def trainable_parameters(self, task: int) -> list[nn.Parameter]:
-        if task == 0:
-            return list(self.model.parameters())
-        return list(self._heads()[task].parameters())
-
-    def before_task(self, task: int) -> None:
-        if task == 0:
-            return
-        head_ids = {id(p) for p in self._heads().parameters()}
-        for p in self.model.parameters():
-            if id(p) not in head_ids:
-                p.requires_grad_(False)
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = 0.0  # running stats stay as task 0 left them
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
 
 
-@register
-class BLIPMethod(Method):
-    """BLIP: fused constrained SGD during the task, Fisher -> bits -> sync after it."""
-
-    name = "blip"
-    HPARAMS: ClassVar[dict[str, Any]] = {
-        **Method.HPARAMS,
-        "max_bit": 20,
-        "F_prior": 1e-15,
-        "forward_mode": "continuous",
-        "exclude": ("heads",),
-        "fisher_batches": 80,
-        "fisher_batch_size": 100,
-        "seed": 0,  # Fisher sampling uses its own generator: resumable, global RNG untouched
-    }
-
-    def __init__(self, model: nn.Module, **hparams: Any) -> None:
-        super().__init__(model, **hparams)
-        self.strategy: BLIP | None = None
-
-    def prepare(self) -> nn.Module:
-        if self.strategy is None:
-            hp = self.hparams
-            self.strategy = BLIP(
-                self.model, max_bit=hp["max_bit"], F_prior=hp["F_prior"], exclude=hp["exclude"],
-                forward_mode=hp["forward_mode"], n_batches=hp["fisher_batches"],
-                batch_size=hp["fisher_batch_size"],
-            )
-        return self.model
-
-    def _blip(self) -> BLIP:
-        if self.strategy is None:
-            raise RuntimeError("call prepare() before using the 'blip' method")
-        return self.strategy
-
-    def make_optimizer(self, task: int, lr: float) -> torch.optim.Optimizer:
-        return ConstrainedSGD(self.trainable_parameters(task), lr,
-                              momentum=self.hparams["momentum"],
-                              weight_decay=self.hparams["weight_decay"], model=self._blip().model)
-
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        # CPU generator on any device: the draw is then identical on CPU and CUDA runs.
-        gen = torch.Generator().manual_seed(int(self.hparams["seed"]) * 100003 + task)
-        stats = self._blip().end_task(task, (train_x, train_y), generator=gen)
-        stats["bits_histogram"] = self.bits_histograms()
-        stats["end_task_seconds"] = time.perf_counter() - t0
-        return stats
-
-    def state_dict(self) -> dict[str, Any]:
-        # The BLIP buffers live in model.state_dict(), which the trainer saves anyway.
-        return self._blip().state_dict(include_model=False)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._blip().load_state_dict(state)
-
-    def layer_capacity(self) -> dict[str, float] | None:
-        return self._blip().capacity()["layers"]
-
-    def extra_state_bytes(self) -> int:
-        # The BLIP state lives in the quantized layers' buffers (prev, bits, F_old).
-        buffers = [b for _, layer in quantized_layers(self.model)
-                   for name, b in layer.named_buffers(recurse=False)
-                   if name.startswith(("prev_", "bits_", "fisher_old_"))]
-        return super().extra_state_bytes() + tensor_bytes(buffers)
-
-    def bits_histograms(self) -> dict[str, list[int]] | None:
-        out: dict[str, list[int]] = {}
-        for name, layer in quantized_layers(self._blip().model):
-            counts = sum(
-                torch.bincount(c.bits.flatten().long(), minlength=layer.max_bit + 1)
-                for _, c in layer.constraints()
-            )
-            out[name] = [int(v) for v in counts.tolist()]
-        return out
+def nonneg(method: str, hp: dict[str, Any], *names: str) -> None:
+    for n in names:
+        v = hp[n]
+        check(isinstance(v, (int, float)) and v >= 0,
+               f"method {method!r}: {n} must be a number >= 0; got {v!r}")
 
 
-__all__ = ["BLIPMethod", "Finetune", "Freeze", "METHODS", "Method", "make_method", "register"]
+def pos_int(method: str, hp: dict[str, Any], *names: str) -> None:
+    for n in names:
+        v = hp[n]
+        check(isinstance(v, int) and v >= 1,
+               f"method {method!r}: {n} must be an int >= 1; got {v!r}")
 
-# Registers the baseline methods (ewc, online-ewc, si, mas, imm-mode, lwf, agem); last,
-# because blip.baselines imports Method and register from here.
-from . import baselines as _baselines  # noqa: E402,F401
-from . import isolation as _isolation  # noqa: E402,F401  (hat, packnet)
+
+def seed_ok(method: str, hp: dict[str, Any]) -> None:
+    check(hp["seed"] is None or isinstance(hp["seed"], int),
+           f"method {method!r}: seed must be an int or None; got {hp['seed']!r}")
+
+
+def task_generator(seed: int | None, task: int) -> torch.Generator:
+    """CPU generator (same draw on CPU and CUDA runs); see the module doc for seed=None."""
+    if seed is None:
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    return torch.Generator().manual_seed((int(seed) * 100003 + task) % (1 << 63))
+
+
+def snapshot(model: nn.Module, names: Any = None) -> Params:
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if names is None or n in names}
+
+
+def load_params(state: Params, model: nn.Module, what: str) -> Params:
+    """Copy saved per-parameter tensors onto their parameter's device, checking names/shapes."""
+    params = dict(model.named_parameters())
+    out: Params = {}
+    for n, t in state.items():
+        if n not in params:
+            raise ValueError(f"load_state_dict: {what} names parameter {n!r}, which the model "
+                             f"does not have")
+        if t.shape != params[n].shape:
+            raise ValueError(f"load_state_dict: {what}[{n!r}] has shape {tuple(t.shape)}, the "
+                             f"parameter {tuple(params[n].shape)}")
+        out[n] = t.detach().clone().to(params[n].device)
+    return out
+
+
+def heads(method: Method) -> nn.ModuleList:
+    """The model's per-task heads, or a clear error naming the method that needs them."""
+    found = getattr(method.model, "heads", None)
+    if not isinstance(found, nn.ModuleList):
+        raise ValueError(f"method {method.name!r} needs a model with a `heads` nn.ModuleList "
+                         "(one head per task)")
+    return found

@@ -1,4 +1,4 @@
-"""PNG plots of a continual-RL run (matplotlib, Agg backend via :mod:`blip.plots`)."""
+"""PNG plots of a continual-RL run (matplotlib with the Agg backend, imported lazily)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plots import _plt
+from ..classification.plots import _plt
 
 
 def learning_curves(curves: list[list[tuple[int, float]]], games: list[str],

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import checkpoint as ckpt
-from ..metrics import matrix_from_list
+from ..runs import checkpoint as ckpt
+from ..runs.metrics import matrix_from_list
 
 
 def _load(run: str | Path) -> dict:

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
-from ..metrics import matrix_from_list, matrix_to_list
 from ..nn import DEFAULT_MAX_BIT
+from ..runs import checkpoint as ckpt
+from ..runs.metrics import matrix_from_list, matrix_to_list
 from .agent import build_agent, count_params
 from .envs import DEFAULT_MAX_EPISODE_STEPS, MinAtarVecEnv, action_counts, check_suite, make_env
 from .evaluate import derive_seed, normalise, play

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from blip.classification.compare import compare
+from blip.classification.report import load_results
 from blip.cli import main
-from blip.compare import compare
-from blip.report import load_results
 
 pytest.importorskip("sklearn")
 SMALL = {"n_tasks": 2, "epochs": 2}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from blip.data import DataFormatError, load_benchmark, read_cifar_batch, read_idx
-from blip.data.formats import read_image_folder
+from blip.classification.data import DataFormatError, load_benchmark, read_cifar_batch, read_idx
+from blip.classification.data.formats import read_image_folder
 
 pytest.importorskip("sklearn")
 

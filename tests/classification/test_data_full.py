@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from blip.data import DataFormatError, load_benchmark
-from blip.data.formats import read_svhn_mat
+from blip.classification.data import DataFormatError, load_benchmark
+from blip.classification.data.formats import read_svhn_mat
 
 try:  # SVHN's .mat files need scipy (a dependency of scikit-learn, the `data` extra)
     import scipy.io as sio
@@ -146,7 +146,7 @@ def test_svhn_corrupt_mat_errors(tmp_path: Path, kind: str) -> None:
 
 @needs_scipy
 def test_svhn_missing_file(tmp_path: Path) -> None:
-    from blip.data.full import load_svhn
+    from blip.classification.data.full import load_svhn
 
     with pytest.raises(DataFormatError, match=r"train_32x32\.mat.*SVHN cropped-digits"):
         load_svhn(tmp_path)
@@ -253,7 +253,7 @@ def test_idx_and_cifar_labels_out_of_range(tmp_path: Path) -> None:
     p = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     with p.open("wb") as fh:  # a CIFAR-100 batch put in the CIFAR-10 folder
         pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 50, 99]}, fh)
-    from blip.data.full import load_cifar
+    from blip.classification.data.full import load_cifar
 
     with pytest.raises(DataFormatError, match=r"data_batch_3: labels 0\.\.99.*CIFAR-10"):
         load_cifar(tmp_path, 10)

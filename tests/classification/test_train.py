@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from blip import checkpoint as ckpt
-from blip import metrics
+from blip.classification.trainer import TrainConfig, Trainer
 from blip.cli import main as cli_main
-from blip.trainer import TrainConfig, Trainer
+from blip.runs import checkpoint as ckpt
+from blip.runs import metrics
 
 pytest.importorskip("sklearn")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHORT = {"n_tasks": 5, "epochs": 10, "batch_size": 64}  # ~10 s per run on 2 CPU cores
 
 

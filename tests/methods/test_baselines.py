@@ -1,4 +1,4 @@
-"""Baselines (blip/baselines.py): state round-trips, each method's mechanism, and
+"""Baselines (blip/methods/): state round-trips, each method's mechanism, and
 tiny end-to-end trainer runs (with an interrupted-and-resumed run per method)."""
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from _support import run_killed_then_resumed
 from torch import Tensor, nn
 
-from blip.baselines import distillation_loss
 from blip.fisher import true_fisher
-from blip.methods import Method, make_method
+from blip.methods import Method, distillation_loss, make_method
 from blip.models import MLP, MultiHead
 
 BASELINES = ["ewc", "online-ewc", "si", "mas", "imm-mode", "lwf", "agem"]
@@ -505,7 +504,7 @@ def test_agem_projection_never_opposes_the_memory_gradient() -> None:
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_trainer_runs_and_resumes(name: str, pdigits3, tmp_path: Path) -> None:
-    from blip.trainer import TrainConfig
+    from blip.classification.trainer import TrainConfig
 
     cfg = TrainConfig.from_preset("pdigits", method=name, n_tasks=3, epochs=3, batch_size=64,
                                   threads=1)
@@ -517,8 +516,8 @@ def test_trainer_runs_and_resumes(name: str, pdigits3, tmp_path: Path) -> None:
 
 
 def test_resume_with_an_old_method_state_layout_is_a_clear_error(pdigits3, tmp_path: Path) -> None:
-    from blip.checkpoint import load, save_atomic
-    from blip.trainer import TrainConfig, Trainer
+    from blip.classification.trainer import TrainConfig, Trainer
+    from blip.runs.checkpoint import load, save_atomic
 
     cfg = TrainConfig.from_preset("pdigits", method="ewc", n_tasks=2, epochs=1, threads=1)
     Trainer(cfg, tmp_path, quiet=True, plots=False, stream=pdigits3.truncated(2)).run()

@@ -1,4 +1,4 @@
-"""Parameter-isolation baselines (blip/isolation.py): HAT and PackNet. State
+"""Parameter-isolation baselines (blip/methods/hat.py, packnet.py): HAT and PackNet. State
 round-trips, the protection mechanisms, pruning, and tiny trainer runs."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from _support import run_killed_then_resumed
 from torch import Tensor, nn
 
-from blip.isolation import HAT, PackNet
-from blip.methods import Method, make_method
+from blip.methods import HAT, Method, PackNet, make_method
 from blip.models import MLP, MultiHead, ResNet18
 
 CLASSES = (3, 3, 3)
@@ -312,7 +311,7 @@ def test_packnet_prune_releases_the_intended_fraction() -> None:
 
 @pytest.mark.parametrize("name", ["hat", "packnet"])
 def test_trainer_keeps_old_tasks_and_resumes(name: str, pdigits3, tmp_path: Path) -> None:
-    from blip.trainer import TrainConfig
+    from blip.classification.trainer import TrainConfig
 
     cfg = TrainConfig.from_preset("pdigits", method=name, n_tasks=3, epochs=4, batch_size=64,
                                   threads=1)
