@@ -11,7 +11,11 @@ from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
+    # choices come from the registries: a new method, benchmark or suite needs no edit here
     from .classification.data import BENCHMARKS
+    from .methods import METHODS
+    from .rl.envs import SUITES
+    from .rl.methods import METHODS as RL_METHODS
 
     p = argparse.ArgumentParser(prog="blip", description="Continual learning with BLIP.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -21,8 +25,7 @@ def _parser() -> argparse.ArgumentParser:
                        "take the benchmark's preset (the published hyperparameters).")
     t.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
     t.add_argument("--method", default="blip",
-                   help="blip (default), finetune, freeze, ewc, online-ewc, si, mas, imm-mode, "
-                   "lwf, agem, hat, packnet")
+                   help=f"blip (default), {', '.join(m for m in METHODS if m != 'blip')}")
     t.add_argument("--model", choices=["mlp", "alexnet", "resnet18"], default=None)
     t.add_argument("--epochs", type=int, help="epoch budget per task")
     t.add_argument("--lr", type=float, help="initial learning rate")
@@ -30,15 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, help="MLP hidden width")
     t.add_argument("--n-hidden-layers", type=int)
     t.add_argument("--width", type=float, help="conv-net width multiplier")
-    t.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float)
-    t.add_argument("--max-bit", type=int)
+    t.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float,
+                   help="BLIP's Fisher prior (same as --hp F_prior=...; default: the preset's)")
+    t.add_argument("--max-bit", type=int, help="BLIP's bits per weight (same as --hp max_bit=...)")
     t.add_argument("--lr-patience", type=int, help="epochs without improvement before lr/factor")
     t.add_argument("--lr-factor", type=float)
     t.add_argument("--lr-min", type=float, help="stop a task once lr falls below this")
     t.add_argument("--momentum", type=float)
     t.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
     t.add_argument("--forward-mode", choices=["continuous", "quantized"],
-                   help="BLIP forward: continuous weights (authors' code) or quantize-STE")
+                   help="BLIP forward: continuous weights (authors' code) or quantize-STE "
+                   "(same as --hp forward_mode=...)")
     t.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE",
                    help="a method hyper-parameter (repeatable), e.g. --hp lamb=100; "
                    "`blip methods` lists each method's names and defaults")
@@ -82,16 +87,17 @@ def _parser() -> argparse.ArgumentParser:
                         description="Learn a suite's games in sequence with PPO and a "
                         "continual-learning method; writes a run directory with the reward "
                         "matrix, plots and GIFs. With --compare: a table of finished runs.")
-    rl.add_argument("--suite", default="minatar5", choices=["atari6", "minatar5"])
-    rl.add_argument("--method", default="blip", choices=["blip", "ewc", "finetune", "freeze"])
+    rl.add_argument("--suite", default="minatar5", choices=sorted(SUITES))
+    rl.add_argument("--method", default="blip", choices=list(RL_METHODS))
     rl.add_argument("--steps", type=int, help="env steps per game (default: 10M atari6, "
                     "1M minatar5)")
     rl.add_argument("--envs", type=int, default=16, help="parallel envs (default 16)")
     rl.add_argument("--n-steps", type=int, default=125, help="steps per env and rollout")
     rl.add_argument("--games", type=int, help="learn only the first N games")
     rl.add_argument("--lr", type=float, default=2.5e-4)
-    rl.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float, default=5e-18)
-    rl.add_argument("--lamb", type=float, default=5000.0, help="EWC's lambda")
+    rl.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float,
+                    help="BLIP's Fisher prior (default 5e-18, the Atari preset)")
+    rl.add_argument("--lamb", type=float, help="EWC's lambda (default 5000)")
     rl.add_argument("--eval-episodes", type=int, default=8, help="episodes per game and eval")
     rl.add_argument("--eval-max-steps", type=int, help="cap of an eval episode, agent steps")
     rl.add_argument("--gif-frames", type=int, default=60, help="frames per GIF clip (0: none)")
@@ -164,12 +170,14 @@ def _train(a: argparse.Namespace) -> int:
     from .classification.trainer import TrainConfig, default_run_dir, train
 
     method_kwargs = parse_hp(a.hp)
-    if a.forward_mode is not None:
-        method_kwargs["forward_mode"] = a.forward_mode
+    # the BLIP flags are sugar for --hp (an explicit --hp of the same name wins)
+    for name in ("F_prior", "max_bit", "forward_mode"):
+        if getattr(a, name) is not None:
+            method_kwargs.setdefault(name, getattr(a, name))
     cfg = TrainConfig.from_preset(
         a.benchmark, a.model, method=a.method, epochs=a.epochs, lr=a.lr,
         batch_size=a.batch_size, hidden=a.hidden, n_hidden_layers=a.n_hidden_layers,
-        width=a.width, F_prior=a.F_prior, max_bit=a.max_bit, lr_patience=a.lr_patience,
+        width=a.width, lr_patience=a.lr_patience,
         lr_factor=a.lr_factor, lr_min=a.lr_min, momentum=a.momentum, n_tasks=a.n_tasks,
         seed=a.seed, device=a.device, threads=a.threads, data_dir=a.data_dir, download=a.download,
         method_kwargs=method_kwargs,
@@ -203,12 +211,12 @@ def _rl(a: argparse.Namespace) -> int:
     if a.compare:
         print(compare_runs(a.compare, a.out, plots=not a.no_plots))
         return 0
+    given = {k: v for k, v in (("F_prior", a.F_prior), ("lamb", a.lamb)) if v is not None}
     cfg = RLConfig(
         suite=a.suite, method=a.method, steps=a.steps, envs=a.envs, games=a.games, seed=a.seed,
-        device=a.device, threads=a.threads, F_prior=a.F_prior, lamb=a.lamb,
-        eval_episodes=a.eval_episodes, eval_max_steps=a.eval_max_steps,
-        gif_frames=a.gif_frames, checkpoint_every=a.checkpoint_every,
-        ppo=PPOConfig(lr=a.lr, n_steps=a.n_steps),
+        device=a.device, threads=a.threads, eval_episodes=a.eval_episodes,
+        eval_max_steps=a.eval_max_steps, gif_frames=a.gif_frames,
+        checkpoint_every=a.checkpoint_every, ppo=PPOConfig(lr=a.lr, n_steps=a.n_steps), **given,
     )
     run_rl(cfg, a.out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots)
     return 0

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fisher import estimate_fisher_
+from .fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, estimate_fisher_
 from .nn import DEFAULT_F_PRIOR, DEFAULT_MAX_BIT, convert, quantized_layers
 from .optim import ConstrainedSGD, project_model_
 
@@ -57,8 +57,8 @@ class BLIP:
         F_prior: float = DEFAULT_F_PRIOR,
         exclude: Iterable[str] | str = ("heads",),
         forward_mode: str = "continuous",
-        n_batches: int = 80,
-        batch_size: int = 100,
+        n_batches: int = FISHER_BATCHES,
+        batch_size: int = FISHER_BATCH_SIZE,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..methods import METHODS
 from ..runs import metrics
 from ..runs.checkpoint import write_text_atomic
+from ..runs.rundir import pyplot, run_name
 from .report import load_results
 from .trainer import RESULTS, TrainConfig, train
 
@@ -25,14 +27,14 @@ _SAME = TrainConfig.RESULT_KEYS
 
 
 def run_dir(out: Path, benchmark: str, method: str, seed: int) -> Path:
-    return out / f"{benchmark}-{method}-seed{seed}"
+    return out / run_name(benchmark, method, seed=seed)
 
 
 def _same_settings(d: Path, cfg: TrainConfig) -> bool | None:
     """Whether the run in ``d`` used cfg's settings; None if ``d`` holds no run."""
     if not (d / RESULTS).is_file():
         return None
-    have, want = load_results(d)["config"], cfg.to_dict()
+    have, want = TrainConfig.upgrade(load_results(d)["config"]), cfg.to_dict()
     return all(have.get(k) == want.get(k) for k in _SAME)
 
 
@@ -42,8 +44,6 @@ def run_all(benchmark: str, methods: Sequence[str], seeds: Sequence[int], out: s
     """Results of every (method, seed), running the missing ones; grouped by method.
     ``hparams[method]`` holds that method's hyper-parameters (default: its defaults)."""
     out = Path(out)
-    from ..methods import METHODS
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown:  # before any run starts
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
@@ -98,11 +98,7 @@ def markdown(rows: list[dict[str, str]]) -> str:
 
 def plot_accuracy_over_time(grouped: dict[str, list[dict]], path: Path, title: str) -> None:
     """One panel per task j: mean accuracy on j after learning each task i >= j."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     T = min(r["tasks_done"] for rs in grouped.values() for r in rs)
     cols = min(T, 5)
     rows = (T + cols - 1) // cols

@@ -1,5 +1,5 @@
-"""PNG plots of a run. matplotlib is imported lazily (and with the Agg backend) so
-training never needs a display, and the package imports without matplotlib."""
+"""PNG plots of a classification run (matplotlib through :func:`blip.runs.rundir.pyplot`:
+lazily, with the Agg backend)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..runs.rundir import pyplot
 
 
 def acc_heatmap(matrix: np.ndarray, path: str | Path, title: str = "") -> None:
     """acc[i, j] in points: rows = after learning task i, columns = task evaluated."""
-    plt = _plt()
+    plt = pyplot()
     T = len(matrix)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * T, 0.8 + 0.5 * T))
     m = np.ma.masked_invalid(100 * matrix)
@@ -40,15 +33,16 @@ def acc_heatmap(matrix: np.ndarray, path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def bits_histograms(hists: list[dict[str, list[int]]], max_bit: int, path: str | Path) -> None:
-    """One panel per layer; one line per task: fraction of parameters with k frozen bits."""
+def bits_histograms(hists: list[dict[str, list[int]]], path: str | Path) -> None:
+    """One panel per layer; one line per task: fraction of parameters with k frozen bits
+    (a histogram counts 0..max_bit bits)."""
     if not hists or not hists[0]:
         return
-    plt = _plt()
+    plt = pyplot()
     layers = list(hists[0])
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.2), squeeze=False)
     cmap = plt.get_cmap("viridis")
-    k = np.arange(max_bit + 1)
+    k = np.arange(len(next(iter(hists[0].values()))))
     for ax, layer in zip(axes[0], layers, strict=True):
         for t, h in enumerate(hists):
             counts = np.asarray(h[layer], dtype=float)
@@ -68,7 +62,7 @@ def capacity_curve(capacity: list[dict[str, float]], path: str | Path) -> None:
     """Used capacity (fraction of max_bit * params) per layer after each task."""
     if not capacity:
         return
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     t = np.arange(len(capacity))
     for layer in capacity[0]:

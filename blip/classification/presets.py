@@ -6,7 +6,11 @@ Values not stated by the authors are marked as ours in `note`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from ..nn import DEFAULT_F_PRIOR
 
 
 @dataclass(frozen=True)
@@ -15,21 +19,26 @@ class Preset:
     lr: float = 0.1
     batch_size: int = 64
     epochs: int = 30
-    F_prior: float = 1e-15
+    F_prior: float = DEFAULT_F_PRIOR  # BLIP's prior: a hyper-parameter of the methods taking it
     hidden: int = 100             # MLP hidden width
     n_hidden_layers: int = 1
     width: float = 1.0            # conv-net width multiplier (the authors' --mul)
-    max_bit: int = 20
     lr_patience: int = 5
     lr_factor: float = 3.0
     lr_min: float = 1e-4
     momentum: float = 0.0
     threads: int | None = None    # CPU intra-op threads; None = torch's default
     note: str = ""
-    extra: dict = field(default_factory=dict)
+
+    #: fields that are method hyper-parameters, not trainer settings
+    METHOD_HPARAMS = ("F_prior",)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def method_hparams(self, accepted: Collection[str]) -> dict[str, Any]:
+        """This preset's method hyper-parameters that a method accepting ``accepted`` takes."""
+        return {k: getattr(self, k) for k in self.METHOD_HPARAMS if k in accepted}
 
 
 PRESETS: dict[str, Preset] = {

@@ -11,19 +11,17 @@ generator seeded from (seed, task, epoch). Nothing therefore depends on what the
 process did before, so a run resumed from a checkpoint ends with the same accuracy
 matrix as an uninterrupted one.
 
-The trainer knows nothing of any method's internals: it calls the Method hooks
-(`prepare`, `make_optimizer`, `before_task`, `after_step`, `after_task`, `eval_context`).
+The trainer knows no method by name and nothing of any method's internals: it calls the
+hooks of :mod:`blip.methods.base` (method-specific settings such as BLIP's ``F_prior`` are
+method hyper-parameters in ``method_kwargs``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import json
 import math
-import random
 import re
 import sys
 import time
@@ -32,21 +30,24 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..methods import METHODS, Method, make_method, method_class
 from ..runs import checkpoint as ckpt
 from ..runs import metrics
+from ..runs.rundir import RUNS_ROOT, Progress, matrix_csv, run_name
+from ..runs.seeds import derive_seed, seed_everything
 from .data import TaskData, TaskStream, load_benchmark
-from .presets import get_preset
+from .presets import Preset, get_preset
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
-# Fisher estimation uses at most 80 x 100 samples; a large task's train set is
-# subsampled (seeded) before it is turned into float inputs, to bound memory.
-FISHER_MAX_SAMPLES = 20_000
+# What every method's after_task gets: the task's training set, subsampled (seeded) to
+# this many samples before it becomes float inputs, to bound memory (the Fisher methods
+# use at most 80 x 100 of them).
+END_OF_TASK_MAX_SAMPLES = 20_000
 
 
 @dataclass
@@ -60,8 +61,6 @@ class TrainConfig:
     hidden: int = 100
     n_hidden_layers: int = 1
     width: float = 1.0
-    F_prior: float = 1e-15
-    max_bit: int = 20
     lr_patience: int = 5
     lr_factor: float = 3.0
     lr_min: float = 1e-4
@@ -72,12 +71,12 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     data_dir: str | None = None
     download: bool = False
-    method_kwargs: dict = field(default_factory=dict)
+    method_kwargs: dict = field(default_factory=dict)  # the method's hyper-parameters
 
     # Keys that change the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
-                   "n_hidden_layers", "width", "F_prior", "max_bit", "lr_patience",
-                   "lr_factor", "lr_min", "momentum", "seed", "n_tasks", "method_kwargs")
+                   "n_hidden_layers", "width", "lr_patience", "lr_factor", "lr_min",
+                   "momentum", "seed", "n_tasks", "method_kwargs")
 
     @classmethod
     def from_preset(cls, benchmark: str, model: str | None = None, **overrides: Any) -> TrainConfig:
@@ -89,7 +88,32 @@ class TrainConfig:
         if unknown:
             raise TypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
         base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(benchmark=benchmark, **base)
+        cfg = cls(benchmark=benchmark, **base)
+        # the preset's method hyper-parameters (e.g. F_prior) for a method that takes them
+        accepted = method_class(cfg.method).HPARAMS
+        cfg.method_kwargs = {**p.method_hparams(accepted), **cfg.method_kwargs}
+        return cfg
+
+    @classmethod
+    def upgrade(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved config (checkpoint, results.json) in today's layout: configs written
+        before F_prior/max_bit became method hyper-parameters held them at the top level."""
+        if not any(k in saved for k in Preset.METHOD_HPARAMS + ("max_bit",)):
+            return saved
+        saved = dict(saved)
+        kwargs = dict(saved.get("method_kwargs") or {})
+        accepted = method_class(saved["method"]).HPARAMS if saved.get("method") in METHODS \
+            else {}
+        for k in Preset.METHOD_HPARAMS + ("max_bit",):
+            if k not in saved:
+                continue
+            v = saved.pop(k)
+            # the old trainer passed F_prior (always) and max_bit to methods accepting them;
+            # today a default max_bit is not written out
+            if k in accepted and not (k == "max_bit" and v == accepted[k]):
+                kwargs.setdefault(k, v)
+        saved["method_kwargs"] = kwargs
+        return saved
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,18 +140,6 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r} but CUDA is not available here")
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes (no hash randomisation)."""
-    h = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2)
-    return int((int(h[0]) << 31) ^ int(h[1])) & ((1 << 63) - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
 def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
     from .. import models
 
@@ -146,33 +158,13 @@ def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
 
 
 def method_hparams(cfg: TrainConfig) -> dict:
+    """The method's hyper-parameters: ``method_kwargs``, the preset's momentum, and the run's
+    seed for a method whose ``seed`` defaults to it."""
     hp = dict(cfg.method_kwargs)
     hp.setdefault("momentum", cfg.momentum)
-    if cfg.method == "blip":
-        hp.setdefault("F_prior", cfg.F_prior)
-        hp.setdefault("max_bit", cfg.max_bit)
-        hp.setdefault("seed", cfg.seed)  # seeds the Fisher target sampling
+    if method_class(cfg.method).SEED_FROM_RUN:
+        hp.setdefault("seed", cfg.seed)
     return hp
-
-
-class _Progress:
-    """tqdm when attached to a terminal and not quiet; otherwise nothing."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    def update(self, **postfix: Any) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class Trainer:
@@ -204,9 +196,7 @@ class Trainer:
             s = s.truncated(self.cfg.n_tasks)
         return s
 
-    def _setup(self, stream: TaskStream):
-        from ..methods import make_method
-
+    def _setup(self, stream: TaskStream) -> tuple[nn.Module, Method]:
         seed_everything(self.cfg.seed)
         model = build_model(self.cfg, stream)
         method = make_method(self.cfg.method, model, **method_hparams(self.cfg))
@@ -217,7 +207,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, net: nn.Module, task: TaskData, t: int, split: str = "test",
-                 batch: int = 1024, method: Any = None) -> tuple[float, float]:
+                 batch: int = 1024, method: Method | None = None) -> tuple[float, float]:
         x_all, y_all = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
         net.eval()
         loss_sum, correct = 0.0, 0
@@ -232,34 +222,44 @@ class Trainer:
         n = max(len(y_all), 1)
         return loss_sum / n, correct / n
 
-    def train_task(self, net: nn.Module, method: Any, task: TaskData, t: int) -> dict:
+    def _train_epoch(self, net: nn.Module, method: Method, opt: torch.optim.Optimizer,
+                     task: TaskData, t: int, epoch: int, x_train: torch.Tensor,
+                     y_train: torch.Tensor) -> int:
+        """One pass over the task's training set in a seeded order; returns the steps."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, t, epoch))
+        perm = torch.randperm(len(y_train), generator=g).to(self.device)
+        method.before_epoch(t, epoch)
+        net.train()
+        steps = 0
+        for i in range(0, len(y_train), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            x, y = task.inputs(x_train[idx]), y_train[idx]
+            loss = method.training_loss(net, x, y, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            method.after_backward(t)
+            opt.step()
+            method.after_step(t)
+            steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return steps
+
+    def train_task(self, net: nn.Module, method: Method, task: TaskData, t: int) -> dict:
+        """The authors' schedule on one task (see the module doc); restores the best epoch."""
         cfg = self.cfg
         method.before_task(t)
         opt = method.make_optimizer(t, cfg.lr)
         x_train = task.x_train.to(self.device)
         y_train = task.y_train.to(self.device)
-        n = len(y_train)
         lr, patience = cfg.lr, cfg.lr_patience
         best_loss, best_state, best_epoch = math.inf, copy.deepcopy(net.state_dict()), -1
         steps, step_time, epochs_run = 0, 0.0, 0
-        bar = _Progress(cfg.epochs, f"task {t}", self.progress)
+        bar = Progress(cfg.epochs, f"task {t}", self.progress)
         for epoch in range(cfg.epochs):
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, t, epoch))
-            perm = torch.randperm(n, generator=g).to(self.device)
-            net.train()
             t0 = time.perf_counter()
-            for i in range(0, n, cfg.batch_size):
-                idx = perm[i:i + cfg.batch_size]
-                x, y = task.inputs(x_train[idx]), y_train[idx]
-                loss = method.training_loss(net, x, y, t)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                method.after_backward(t)
-                opt.step()
-                method.after_step(t)
-                steps += 1
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            steps += self._train_epoch(net, method, opt, task, t, epoch, x_train, y_train)
             step_time += time.perf_counter() - t0
             epochs_run += 1
             val_loss, val_acc = self.evaluate(net, task, t, "valid", method=method)
@@ -290,34 +290,45 @@ class Trainer:
                 "seconds_per_step": step_time / max(steps, 1),
                 "skipped_nonfinite_grads": skipped}
 
-    def _fisher_data(self, task: TaskData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _end_of_task_sample(self, task: TaskData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``Method.after_task`` gets: the training set, at most
+        END_OF_TASK_MAX_SAMPLES of it (seeded), as model inputs on the run's device."""
         x, y = task.x_train, task.y_train
-        if len(y) > FISHER_MAX_SAMPLES:
+        if len(y) > END_OF_TASK_MAX_SAMPLES:
             g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, t, 1 << 20))
-            idx = torch.randperm(len(y), generator=g)[:FISHER_MAX_SAMPLES]
+            idx = torch.randperm(len(y), generator=g)[:END_OF_TASK_MAX_SAMPLES]
             x, y = x[idx], y[idx]
         return task.inputs(x.to(self.device)), y.to(self.device)
 
+    def learn_task(self, net: nn.Module, method: Method, stream: TaskStream, t: int,
+                   acc: Any) -> tuple[dict, dict[str, list[int]]]:
+        """Train task ``t``, end it, test every task so far into ``acc[t]``; returns the
+        task's record and its bits histograms (empty for a method without bits)."""
+        task = stream[t]
+        seed_everything(derive_seed(self.cfg.seed, t))
+        t0 = time.perf_counter()
+        info = self.train_task(net, method, task, t)
+        t1 = time.perf_counter()
+        sample_x, sample_y = self._end_of_task_sample(task, t)
+        stats = method.after_task(t, sample_x, sample_y) or {}
+        del sample_x, sample_y
+        t2 = time.perf_counter()
+        for u in range(t + 1):
+            acc[t, u] = self.evaluate(net, stream[u], u, method=method)[1]
+        t3 = time.perf_counter()
+        n_params = sum(p.numel() for p in net.parameters())
+        record = {
+            "task": t, "name": task.name, **info,
+            "train_seconds": t1 - t0, "end_task_seconds": t2 - t1,
+            "eval_seconds": t3 - t2, "seconds": t3 - t0,
+            "capacity": {k: float(v) for k, v in (method.layer_capacity() or {}).items()},
+            "method_stats": ckpt.jsonable(stats),
+            # memory the method keeps beyond the model's weights, per weight
+            "extra_bytes_per_param": method.extra_state_bytes() / n_params,
+        }
+        return record, method.bits_histograms() or {}
+
     # -- bookkeeping --------------------------------------------------------------------
-
-    def _bits_stats(self, net: nn.Module) -> tuple[dict[str, list[int]], dict[str, float]]:
-        """Histogram of frozen bits per quantized layer, and used capacity."""
-        from ..nn import quantized_layers
-
-        hist: dict[str, list[int]] = {}
-        sums: dict[str, tuple[int, int]] = {}
-        max_bit = self.cfg.max_bit
-        for name, layer in quantized_layers(net):
-            max_bit = layer.max_bit
-            h = torch.zeros(layer.max_bit + 1, dtype=torch.long)
-            s, c = 0, 0
-            for pname in layer.blip_param_names():
-                b = getattr(layer, f"bits_{pname}").flatten().long().cpu()
-                h += torch.bincount(b, minlength=layer.max_bit + 1)
-                s, c = s + int(b.sum()), c + b.numel()
-            hist[name] = h.tolist()
-            sums[name] = (s, c)
-        return hist, (metrics.used_capacity(sums, max_bit) if sums else {})
 
     def _write_outputs(self, state: dict, stream: TaskStream, done: bool) -> dict:
         matrix = state["acc"]
@@ -352,34 +363,30 @@ class Trainer:
         ckpt.write_text_atomic(self.out / RESULTS, json.dumps(results, indent=1))
         ckpt.write_text_atomic(self.out / "acc_matrix.json",
                                json.dumps(metrics.matrix_to_list(matrix)))
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["after_task"] + [f"task{j}" for j in range(T)])
-        for i, row in enumerate(matrix):
-            w.writerow([i] + ["" if np.isnan(v) else f"{v:.6f}" for v in row])
-        ckpt.write_text_atomic(self.out / "acc_matrix.csv", buf.getvalue())
+        ckpt.write_text_atomic(self.out / "acc_matrix.csv", matrix_csv(
+            matrix, "after_task", [f"task{j}" for j in range(T)], range(T), ".6f"))
         return results
 
-    def _make_plots(self, results: dict, matrix: np.ndarray) -> None:
+    def _make_plots(self, results: dict, matrix: Any) -> None:
         from . import plots
 
         title = f"{self.cfg.benchmark} / {self.cfg.method}: ACC {100 * results['acc']:.1f}, " \
                 f"BWT {100 * results['bwt']:+.2f}"
         plots.acc_heatmap(matrix, self.out / "acc_matrix.png", title)
         if results["bits_hist"] and results["bits_hist"][0]:
-            plots.bits_histograms(results["bits_hist"], self.cfg.max_bit,
-                                  self.out / "bits_hist.png")
+            plots.bits_histograms(results["bits_hist"], self.out / "bits_hist.png")
             plots.capacity_curve(results["capacity"], self.out / "capacity.png")
 
-    # -- the run ------------------------------------------------------------------------
+    def _checkpoint(self, state: dict, net: nn.Module, method: Method) -> None:
+        ckpt.save_atomic({
+            "version": 1, "task": state["task"], "config": self.cfg.to_dict(),
+            "model": net.state_dict(), "method": method.state_dict(), "rng": ckpt.rng_state(),
+            "acc": metrics.matrix_to_list(state["acc"]), "records": state["records"],
+            "bits_hist": state["bits_hist"],
+        }, self.out / CHECKPOINT)
 
-    def run(self, resume: bool = False) -> dict:
-        cfg = self.cfg
-        stream = self._load_stream()
-        T = len(stream)
-        net, method = self._setup(stream)
-        state: dict[str, Any] = {"task": -1, "acc": metrics.new_matrix(T), "records": [],
-                                 "bits_hist": []}
+    def _start(self, net: nn.Module, method: Method, T: int, resume: bool) -> dict[str, Any]:
+        """A fresh run's state, or the checkpoint's when resuming one."""
         path = self.out / CHECKPOINT
         if resume and path.is_file():
             c = ckpt.load(path, map_location=self.device)
@@ -392,56 +399,34 @@ class Trainer:
                                  f"{e.args[0]!r} (written by another version of the method?); "
                                  f"start the run again without --resume") from None
             ckpt.set_rng_state(c["rng"])
-            state = {"task": c["task"], "acc": metrics.matrix_from_list(c["acc"]),
-                     "records": c["records"], "bits_hist": c["bits_hist"]}
             self.log(f"resuming {self.out} after task {c['task']} of {T}")
-        elif resume:
+            return {"task": c["task"], "acc": metrics.matrix_from_list(c["acc"]),
+                    "records": c["records"], "bits_hist": c["bits_hist"]}
+        if resume:
             self.log(f"no checkpoint in {self.out}; starting from scratch")
         elif path.is_file():
             self.log(f"overwriting the run in {self.out} (use --resume to continue it)")
+        return {"task": -1, "acc": metrics.new_matrix(T), "records": [], "bits_hist": []}
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        stream = self._load_stream()
+        T = len(stream)
+        net, method = self._setup(stream)
+        state = self._start(net, method, T, resume)
         n_params = sum(p.numel() for p in net.parameters())
         self.log(f"{cfg.benchmark}: {T} tasks, input {stream.input_shape}; {cfg.method} on "
                  f"{cfg.model} ({n_params} parameters), device {self.device}, seed {cfg.seed}")
-
         for t in range(state["task"] + 1, T):
-            task = stream[t]
-            seed_everything(derive_seed(cfg.seed, t))
-            t0 = time.perf_counter()
-            info = self.train_task(net, method, task, t)
-            t1 = time.perf_counter()
-            fx, fy = self._fisher_data(task, t)
-            stats = method.after_task(t, fx, fy) or {}
-            del fx, fy
-            t2 = time.perf_counter()
-            for u in range(t + 1):
-                state["acc"][t, u] = self.evaluate(net, stream[u], u, method=method)[1]
-            t3 = time.perf_counter()
-            hist, cap = self._bits_stats(net)
-            stats = {k: v for k, v in stats.items() if k not in ("bits_histogram", "capacity")}
-            record = {
-                "task": t, "name": task.name, **info,
-                "train_seconds": t1 - t0, "end_task_seconds": t2 - t1,
-                "eval_seconds": t3 - t2, "seconds": t3 - t0,
-                "capacity": {k: float(v) for k, v in (cap or {}).items()},
-                "method_stats": ckpt.jsonable(stats),
-                # memory the method keeps beyond the model's weights, per weight
-                "extra_bytes_per_param": method.extra_state_bytes() / n_params,
-            }
+            record, hist = self.learn_task(net, method, stream, t, state["acc"])
             state["records"].append(record)
             state["bits_hist"].append(hist)
             state["task"] = t
-            row = " ".join(f"{100 * v:5.1f}" for v in state["acc"][t, : t + 1])
-            capmsg = f", capacity {100 * cap['overall']:.1f}%" if cap and "overall" in cap else ""
-            self.log(f"task {t} ({task.name}): {info['epochs_run']} epochs, "
-                     f"{record['seconds']:.1f}s{capmsg} | acc {row}")
+            self._log_task(record, state["acc"][t, : t + 1])
             self._write_outputs(state, stream, done=t == T - 1)
-            ckpt.save_atomic({
-                "version": 1, "task": t, "config": cfg.to_dict(), "model": net.state_dict(),
-                "method": method.state_dict(), "rng": ckpt.rng_state(),
-                "acc": metrics.matrix_to_list(state["acc"]), "records": state["records"],
-                "bits_hist": state["bits_hist"],
-            }, path)
-
+            self._checkpoint(state, net, method)
         results = self._write_outputs(state, stream, done=True)
         if self.plots:
             try:
@@ -453,13 +438,20 @@ class Trainer:
                  f"time {results['total_seconds']:.1f}s  -> {self.out}")
         return results
 
+    def _log_task(self, record: dict, row: Any) -> None:
+        accs = " ".join(f"{100 * v:5.1f}" for v in row)
+        cap = record["capacity"]
+        capmsg = f", capacity {100 * cap['overall']:.1f}%" if "overall" in cap else ""
+        self.log(f"task {record['task']} ({record['name']}): {record['epochs_run']} epochs, "
+                 f"{record['seconds']:.1f}s{capmsg} | acc {accs}")
+
     def _check_compatible(self, saved: dict[str, Any]) -> None:
-        ckpt.check_resumable(saved, self.cfg.to_dict(), TrainConfig.RESULT_KEYS,
-                             self.out / CHECKPOINT)
+        ckpt.check_resumable(TrainConfig.upgrade(saved), self.cfg.to_dict(),
+                             TrainConfig.RESULT_KEYS, self.out / CHECKPOINT)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.benchmark}-{cfg.method}-seed{cfg.seed}"
+    return RUNS_ROOT / run_name(cfg.benchmark, cfg.method, seed=cfg.seed)
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,

@@ -1,21 +1,24 @@
 """Continual-learning methods as classes with hooks; the trainer knows nothing else.
 
-Trainer protocol, per run::
+Trainer protocol, per run (the method never sees the trainer)::
 
     method = make_method(name, model, **hparams)
     model = method.prepare()                      # before building anything on the model
     for task in range(T):
         method.before_task(task)
         opt = method.make_optimizer(task, lr)     # the trainer may later set param_groups' lr
-        ... per batch:
-            loss = method.training_loss(model, x, y, task)   # task loss + any penalty
-            opt.zero_grad(); loss.backward()
-            method.after_backward(task)                      # e.g. project or mask grads
-            opt.step(); method.after_step(task)
-        ... per evaluation of a task u (each epoch's validation; after after_task, the tests):
-            with method.eval_context(u):             # e.g. apply task u's mask
-                logits = model(x, u)
-        stats = method.after_task(task, train_x, train_y)
+        for epoch in ...:
+            method.before_epoch(task, epoch)
+            ... per batch:
+                loss = method.training_loss(model, x, y, task)   # task loss + any penalty
+                opt.zero_grad(); loss.backward()
+                method.after_backward(task)                      # e.g. project or mask grads
+                opt.step(); method.after_step(task)
+            ... per evaluation of a task u (each epoch's validation; after after_task, tests):
+                with method.eval_context(u):             # e.g. apply task u's mask
+                    logits = model(x, u)
+        stats = method.after_task(task, sample_x, sample_y)  # the task's end-of-task sample
+        method.bits_histograms(), method.layer_capacity()   # per-task statistics, if any
     method.state_dict() / load_state_dict()       # beside model.state_dict() in checkpoints
 
 To add a method: one file in this package, a :class:`Method` subclass with ``name`` and
@@ -55,6 +58,8 @@ class Method:
     name: ClassVar[str] = "base"
     #: accepted hyper-parameters and their defaults; others are a TypeError
     HPARAMS: ClassVar[dict[str, Any]] = {"momentum": 0.0, "weight_decay": 0.0}
+    #: True: the ``seed`` hyper-parameter defaults to the run's seed (the trainer passes it)
+    SEED_FROM_RUN: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         if not isinstance(model, nn.Module):
@@ -81,6 +86,9 @@ class Method:
     def before_task(self, task: int) -> None:
         pass
 
+    def before_epoch(self, task: int, epoch: int) -> None:
+        """Called before each pass over task ``task``'s training data."""
+
     def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
         """The loss to minimise on a batch of task ``task``: cross-entropy on its head."""
         return F.cross_entropy(model(x, task), y)
@@ -92,6 +100,8 @@ class Method:
         pass
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
+        """End of task ``task``; ``train_x``/``train_y`` is its end-of-task sample (its training
+        set, or a seeded subset of a large one, as model inputs). Returns JSON-able stats."""
         return {}
 
     def eval_context(self, task: int) -> contextlib.AbstractContextManager[Any]:
@@ -105,7 +115,8 @@ class Method:
         pass
 
     def layer_capacity(self) -> dict[str, float] | None:
-        """Used capacity per quantized layer (section 8), or None if not applicable."""
+        """Used capacity per quantized layer and ``"overall"`` (docs/semantics.md, section 8),
+        or None if not applicable."""
         return None
 
     def extra_state_bytes(self) -> int:
@@ -127,12 +138,15 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def make_method(name: str, model: nn.Module, **hparams: Any) -> Method:
+def method_class(name: str) -> type[Method]:
     try:
-        cls = METHODS[name]
+        return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
-    return cls(model, **hparams)
+
+
+def make_method(name: str, model: nn.Module, **hparams: Any) -> Method:
+    return method_class(name)(model, **hparams)
 
 
 # -- helpers shared by the methods ---------------------------------------------------------

@@ -8,10 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..nn import quantized_layers
+from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES
+from ..nn import DEFAULT_F_PRIOR, DEFAULT_MAX_BIT, quantized_layers
 from ..optim import ConstrainedSGD
 from ..strategy import BLIP
-from .base import Method, register, tensor_bytes
+from .base import Method, register, task_generator, tensor_bytes
 
 
 @register
@@ -21,14 +22,15 @@ class BLIPMethod(Method):
     name = "blip"
     HPARAMS: ClassVar[dict[str, Any]] = {
         **Method.HPARAMS,
-        "max_bit": 20,
-        "F_prior": 1e-15,
-        "forward_mode": "continuous",
+        "max_bit": DEFAULT_MAX_BIT,
+        "F_prior": DEFAULT_F_PRIOR,  # the library's; a benchmark preset sets its own
+        "forward_mode": "continuous",  # or "quantized" (quantize-STE forward)
         "exclude": ("heads",),
-        "fisher_batches": 80,
-        "fisher_batch_size": 100,
+        "fisher_batches": FISHER_BATCHES,
+        "fisher_batch_size": FISHER_BATCH_SIZE,
         "seed": 0,  # Fisher sampling uses its own generator: resumable, global RNG untouched
     }
+    SEED_FROM_RUN = True
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         super().__init__(model, **hparams)
@@ -56,10 +58,9 @@ class BLIPMethod(Method):
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
         t0 = time.perf_counter()
-        # CPU generator on any device: the draw is then identical on CPU and CUDA runs.
-        gen = torch.Generator().manual_seed(int(self.hparams["seed"]) * 100003 + task)
+        gen = task_generator(self.hparams["seed"], task)
         stats = self._blip().end_task(task, (train_x, train_y), generator=gen)
-        stats["bits_histogram"] = self.bits_histograms()
+        stats.pop("capacity")  # layer_capacity() reports it
         stats["end_task_seconds"] = time.perf_counter() - t0
         return stats
 
@@ -71,7 +72,8 @@ class BLIPMethod(Method):
         self._blip().load_state_dict(state)
 
     def layer_capacity(self) -> dict[str, float] | None:
-        return self._blip().capacity()["layers"]
+        cap = self._blip().capacity()
+        return {**cap["layers"], "overall": cap["overall"]}
 
     def extra_state_bytes(self) -> int:
         # The BLIP state lives in the quantized layers' buffers (prev, bits, F_old).

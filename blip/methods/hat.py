@@ -62,8 +62,8 @@ class HAT(Method):
     them (as BLIP's buffers); ``state_dict()`` carries the cumulative masks.
 
     ``s`` needs the number of batches per epoch: ``batches_per_epoch``, or (None) the
-    count of the last epoch, an epoch ending when the trainer evaluates
-    (``eval_context``); until one epoch has been seen, ``s = s_max`` (hard gates: the
+    count of the last epoch, an epoch ending at the next ``before_epoch`` or at
+    ``after_task``; until one epoch has been seen, ``s = s_max`` (hard gates: the
     weights train while the embeddings barely move; on 3 short pdigits tasks this gave
     81.6% on the first task vs 47.1% with ``s = 1/s_max`` throughout that epoch).
     """
@@ -75,7 +75,7 @@ class HAT(Method):
         "c": 0.75,  # c, attention-mask regulariser strength (the paper's)
         "thres_cosh": 50.0,  # clamp of s·e in the gradient compensation (the paper's code)
         "thres_emb": 6.0,  # embeddings clamped to ±this after each step (the paper's code)
-        "batches_per_epoch": None,  # None: counted between the trainer's evaluations
+        "batches_per_epoch": None,  # None: counted between before_epoch calls
     }
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
@@ -280,10 +280,16 @@ class HAT(Method):
             for e in self._embeddings().e[task]:
                 e.clamp_(-t, t)
 
+    def _end_epoch(self) -> None:
+        """The epoch in progress (if any batch ran) has ended: learn its length."""
+        if self._batch:
+            self.seen_batches, self._batch = self._batch, 0
+
+    def before_epoch(self, task: int, epoch: int) -> None:
+        self._end_epoch()
+
     @contextlib.contextmanager
     def _evaluating(self, task: int) -> Iterator[None]:
-        if self._batch:  # the trainer evaluates after every epoch: one has just ended
-            self.seen_batches, self._batch = self._batch, 0
         prev, self._eval_task = self._eval_task, task
         try:
             yield
@@ -295,6 +301,7 @@ class HAT(Method):
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
         check_task_order(self, task, self.tasks_done)
+        self._end_epoch()
         self._sync()
         new = self.mask(task)
         used = sum(float(m.sum()) for m in new)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..fisher import true_fisher
+from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, true_fisher
 from .base import Method, Params, check, task_generator
 
 
@@ -53,8 +53,8 @@ def task_fisher(method: Method, task: int, train_x: Tensor) -> tuple[Params, dic
 
 
 FISHER_HPARAMS: dict[str, Any] = {
-    "fisher_batches": 80,  # Fisher: at most this many batches (section 7)
-    "fisher_batch_size": 100,  # Fisher: samples per batch (the loss is the batch mean)
+    "fisher_batches": FISHER_BATCHES,  # Fisher: at most this many batches (section 7)
+    "fisher_batch_size": FISHER_BATCH_SIZE,  # Fisher: samples per batch (batch-mean loss)
     "seed": None,  # Fisher subset/target sampling; None: torch's global RNG (trainer-seeded)
 }
 

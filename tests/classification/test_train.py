@@ -103,6 +103,33 @@ def test_resume_rejects_changed_settings(runs: dict[str, Path]) -> None:
         Trainer(cfg, runs["blip"], quiet=True).run(resume=True)
 
 
+def test_configs_of_the_flat_layout_still_match() -> None:
+    """Checkpoints and results written before F_prior/max_bit became method hyper-parameters
+    held them at the top level of the config; they still resume (and compare reuses them)."""
+    for method in ("blip", "ewc"):
+        now = TrainConfig.from_preset("pdigits", method=method, **SHORT).to_dict()
+        old = {**now, "F_prior": 1e-15, "max_bit": 20, "method_kwargs": {}}
+        assert TrainConfig.upgrade(old) == now
+    assert TrainConfig.from_preset("pdigits", method="blip").method_kwargs == {"F_prior": 1e-15}
+    assert TrainConfig.from_preset("pdigits", method="ewc").method_kwargs == {}
+    # a setting that differed then still differs now
+    old = {**TrainConfig.from_preset("pdigits").to_dict(), "F_prior": 1e-14, "max_bit": 16,
+           "method_kwargs": {}}
+    assert TrainConfig.upgrade(old)["method_kwargs"] == {"F_prior": 1e-14, "max_bit": 16}
+
+
+def test_cli_blip_flags_are_hyper_parameters(tmp_path: Path) -> None:
+    """--F-prior / --max-bit / --forward-mode are sugar for --hp; a method that does not take
+    one says so instead of ignoring it."""
+    args = ["train", "--n-tasks", "1", "--epochs", "1", "--quiet", "--no-plots"]
+    assert cli_main([*args, "--out", str(tmp_path / "b"), "--F-prior", "1e-14", "--max-bit",
+                     "12"]) == 0
+    cfg = json.loads((tmp_path / "b" / "results.json").read_text())["config"]
+    assert cfg["method_kwargs"] == {"F_prior": 1e-14, "max_bit": 12}
+    assert cli_main([*args, "--out", str(tmp_path / "e"), "--method", "ewc", "--max-bit",
+                     "12"]) == 2
+
+
 def _train_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "blip", "train", "--benchmark", "pdigits", "--n-tasks", "4",
             "--epochs", "4", "--quiet", "--no-plots", "--out", str(out), *extra]

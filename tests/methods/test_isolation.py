@@ -58,6 +58,7 @@ def _train(method: Method, task: int, x: Tensor, y: Tensor, steps: int = 6,
     model = method.model
     method.before_task(task)
     opt = method.make_optimizer(task, lr)
+    method.before_epoch(task, 0)
     model.train()
     for s in range(steps):
         i = (s * bs) % len(y)
@@ -213,11 +214,13 @@ def test_hat_masks_binarise_at_s_max() -> None:
     lin = model.trunk[0]
     expect = model.heads[0](F.relu(F.linear(x, lin.weight, lin.bias) * mask))
     torch.testing.assert_close(_eval(method, x, 0), expect, rtol=0, atol=1e-6)
-    # without batches_per_epoch, the epoch length is learned from the trainer's evaluations
+    # without batches_per_epoch, the epoch length is learned at the next epoch's start
     auto: HAT = _fresh("hat", _mlp(layers=1))  # type: ignore[assignment]
     _train(auto, 0, x, y, steps=5, finish=False, bs=8)
     assert auto.seen_batches is None and auto.scale() == pytest.approx(400)  # until known
-    _eval(auto, x, 0)
+    _eval(auto, x, 0)  # evaluating ends no epoch
+    assert auto.seen_batches is None and auto._batch == 5
+    auto.before_epoch(0, 1)
     assert auto.seen_batches == 5 and auto._batch == 0
     assert auto.scale() == pytest.approx(1 / 400)
     _train(auto, 0, x, y, steps=5, finish=False, bs=8)

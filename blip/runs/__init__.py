@@ -1,0 +1,1 @@
+"""What both trainers (classification and RL) share: checkpoints, metrics, run directories."""

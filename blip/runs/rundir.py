@@ -1,0 +1,67 @@
+"""Run-directory helpers both trainers use: names, progress bars, matrix CSVs, plotting."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: where runs go when the user names no directory
+RUNS_ROOT = Path("runs")
+
+
+def run_name(*parts: str, seed: int) -> str:
+    """``part1-part2-...-seed<k>``: the directory name of one run."""
+    return "-".join([*parts, f"seed{seed}"])
+
+
+class Progress:
+    """A tqdm bar when ``enabled`` (a terminal, not quiet); otherwise nothing."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0,
+                 unit: str = "it") -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
+                            dynamic_ncols=True, unit=unit)
+
+    def update(self, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def matrix_csv(matrix: np.ndarray, corner: str, columns: Sequence[Any], rows: Sequence[Any],
+               fmt: str) -> str:
+    """A square result matrix as CSV: header ``corner, columns...``; one line per row
+    label; NaN (not seen yet) as an empty cell; values formatted with ``fmt``."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([corner, *columns])
+    for label, row in zip(rows, matrix, strict=True):
+        w.writerow([label] + ["" if np.isnan(v) else format(v, fmt) for v in row])
+    return buf.getvalue()
+
+
+def pyplot():  # noqa: ANN201 - matplotlib.pyplot, imported lazily
+    """matplotlib.pyplot with the Agg backend: no display needed, and the package imports
+    without matplotlib (ImportError here, at plot time)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+__all__ = ["RUNS_ROOT", "Progress", "matrix_csv", "pyplot", "run_name"]
