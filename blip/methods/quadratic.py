@@ -25,7 +25,7 @@ from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, true_fisher
 from .base import Method, Params, check, task_generator
 
 
-def _quadratic(model: nn.Module, weight: Params, anchor: Params) -> Tensor:
+def quadratic_sum(model: nn.Module, weight: Params, anchor: Params) -> Tensor:
     """``Σ weight·(θ − anchor)²`` over the named parameters in ``weight``."""
     params = dict(model.named_parameters())
     terms = [(w * (params[n] - anchor[n]).pow(2)).sum() for n, w in weight.items()]
@@ -114,7 +114,7 @@ class QuadraticPenaltyMethod(Method, ABC):
 
     def penalty(self) -> Tensor:
         weight, anchor = self.quadratic()
-        return self.strength * _quadratic(self.model, weight, anchor)
+        return self.strength * quadratic_sum(self.model, weight, anchor)
 
     def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
         loss = F.cross_entropy(model(x, task), y)
