@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 import blip_kernels
 
+from .modes import module_modes, restore_modes
 from .nn import QuantConv2d, QuantLinear
 
 #: the published Fisher budget (docs/semantics.md, section 7): at most this many batches of
@@ -197,7 +198,7 @@ def _accumulate_true_fisher(
 ) -> int:
     """Add ``Σ_n g_n²`` (batch-mean loss, sampled targets) of every layer into ``accs``;
     returns the number of samples (the caller divides by it)."""
-    modes = {m: m.training for m in model.modules()}
+    modes = module_modes(model)
     grad_flags = {id(p): (p, p.requires_grad) for lay in layer_list for p in lay.parameters()}
     weights = [lay.weight for lay in layer_list]
     device = weights[0].device
@@ -232,8 +233,7 @@ def _accumulate_true_fisher(
         recorder.remove()
         for p, flag in grad_flags.values():
             p.requires_grad_(flag)
-        for m, flag in modes.items():
-            m.training = flag
+        restore_modes(modes)
     return n
 
 

@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import re
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -37,7 +36,7 @@ from torch import nn
 from ..methods import METHODS, Method, make_method, method_class
 from ..runs import checkpoint as ckpt
 from ..runs import metrics
-from ..runs.rundir import RUNS_ROOT, Progress, matrix_csv, run_name
+from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
 from ..runs.seeds import derive_seed, seed_everything
 from .data import TaskData, TaskStream, load_benchmark
 from .presets import Preset, get_preset
@@ -167,25 +166,13 @@ def method_hparams(cfg: TrainConfig) -> dict:
     return hp
 
 
-class Trainer:
+class Trainer(Runner):
+    cfg: TrainConfig
+
     def __init__(self, cfg: TrainConfig, out: str | Path, quiet: bool = False,
                  plots: bool = True, stream: TaskStream | None = None) -> None:
-        cfg.validate()
-        self.cfg = cfg
-        self.out = Path(out)
-        self.quiet = quiet
-        self.plots = plots
-        self.progress = not quiet and sys.stderr.isatty()
-        self.device = torch.device(cfg.device)
+        super().__init__(cfg, out, quiet, plots)
         self._stream = stream
-        if cfg.threads is not None:
-            # Small models gain nothing from intra-op threads and lose a lot when the
-            # cores are shared (spinning workers): the embedded presets use 1.
-            torch.set_num_threads(cfg.threads)
-
-    def log(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, flush=True)
 
     # -- setup --------------------------------------------------------------------------
 

@@ -131,11 +131,17 @@ class Method:
 METHODS: dict[str, type[Method]] = {}
 
 
-def register(cls: type[Method]) -> type[Method]:
-    if cls.name in METHODS:
-        raise ValueError(f"a method named {cls.name!r} is already registered")
-    METHODS[cls.name] = cls
+def add_unique(registry: dict[str, Any], cls: Any, kind: str = "method") -> Any:
+    """``registry[cls.name] = cls``; a second class of the same name is an error."""
+    if cls.name in registry:
+        raise ValueError(f"a {kind} named {cls.name!r} is already registered")
+    registry[cls.name] = cls
     return cls
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make the method available by its ``name`` (``make_method``)."""
+    return add_unique(METHODS, cls)
 
 
 def method_class(name: str) -> type[Method]:

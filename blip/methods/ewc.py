@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import Params, load_params, nonneg, pos_int, register, seed_ok, snapshot
+from .base import Params, nonneg, pos_int, register, seed_ok, snapshot
 from .quadratic import FISHER_HPARAMS, QuadraticPenaltyMethod, task_fisher
 
 
@@ -65,11 +65,11 @@ class EWC(QuadraticPenaltyMethod):
         self.absorb(fisher, snapshot(self.model, fisher))
         return stats
 
+    STATE = ("fisher", "anchor")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"fisher": self.fisher, "anchor": self.anchor, "tasks": self.tasks}
+        return {**super().state_dict(), "tasks": self.tasks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fisher = load_params(state["fisher"], self.model, "fisher")
-        self.anchor = load_params(state["anchor"], self.model, "anchor")
+        super().load_state_dict(state)
         self.tasks = int(state["tasks"])
-        self._changed()

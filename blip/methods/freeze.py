@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..modes import freeze_batchnorm_stats
 from .base import Method, heads, register
 
 
@@ -30,6 +31,4 @@ class Freeze(Method):
         for p in self.model.parameters():
             if id(p) not in head_ids:
                 p.requires_grad_(False)
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = 0.0  # running stats stay as task 0 left them
+        freeze_batchnorm_stats(self.model)  # running stats stay as task 0 left them

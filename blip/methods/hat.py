@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modes import batchnorm_layers, module_modes, restore_modes
 from .base import Method, check, heads, nonneg, pos_int, register, tensor_bytes
 from .trunk import (
     Layer,
@@ -178,9 +179,8 @@ class HAT(Method):
         ones = [torch.ones_like(e) for e in self._embeddings().e[task]]
         # a BatchNorm maps 0 to −mean/std ≠ 0 once it has running statistics: make it so now
         bn_hooks = [m.register_forward_hook(lambda _m, _i, out: out + 1.0)
-                    for m in self.model.modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        modes = {m: m.training for m in self.model.modules()}
+                    for m in batchnorm_layers(self.model)]
+        modes = module_modes(self.model)
         self.model.eval()
         try:
             for i in range(1, len(self.layers)):
@@ -206,8 +206,7 @@ class HAT(Method):
             self._gates = None
             for h in bn_hooks:
                 h.remove()
-            for m, flag in modes.items():
-                m.training = flag
+            restore_modes(modes)
         return src
 
     # -- training -------------------------------------------------------------------------

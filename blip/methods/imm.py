@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import Params, load_params, nonneg, pos_int, register, seed_ok, snapshot
+from .base import Params, nonneg, pos_int, register, seed_ok, snapshot
 from .quadratic import FISHER_HPARAMS, QuadraticPenaltyMethod, task_fisher
 
 
@@ -70,10 +70,4 @@ class IMMMode(QuadraticPenaltyMethod):
         self._changed()
         return {**stats, "merged": task > 0}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"fisher": self.fisher, "prev": self.prev}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fisher = load_params(state["fisher"], self.model, "fisher")
-        self.prev = load_params(state["prev"], self.model, "prev")
-        self._changed()
+    STATE = ("fisher", "prev")

@@ -7,7 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import Params, load_params, nonneg, pos_int, register, seed_ok, snapshot, task_generator
+from ..modes import train_mode
+from .base import Params, nonneg, pos_int, register, seed_ok, snapshot, task_generator
 from .quadratic import QuadraticPenaltyMethod
 
 
@@ -28,16 +29,11 @@ def mas_importance(model: nn.Module, x: Tensor, task: int, chunk: int = 64) -> P
 
     per_sample = vmap(grad(sq_norm), in_dims=(None, 0))
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with train_mode(model, False):
         for s in range(0, x.shape[0], chunk):
             grads = per_sample(params, x[s:s + chunk])
             for n, g in grads.items():
                 acc[n] += g.abs().sum(0)
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
     return {n: a / x.shape[0] for n, a in acc.items()}
 
 
@@ -85,10 +81,4 @@ class MAS(QuadraticPenaltyMethod):
         self._changed()
         return {"importance_samples": int(x.shape[0])}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"omega": self.omega, "anchor": self.anchor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.omega = load_params(state["omega"], self.model, "omega")
-        self.anchor = load_params(state["anchor"], self.model, "anchor")
-        self._changed()
+    STATE = ("omega", "anchor")

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from .base import Params, load_params, nonneg, pos_int, register, seed_ok, snapshot
+from .base import Params, nonneg, pos_int, register, seed_ok, snapshot
 from .quadratic import FISHER_HPARAMS, QuadraticPenaltyMethod, task_fisher
 
 
@@ -47,10 +47,4 @@ class OnlineEWC(QuadraticPenaltyMethod):
         self._changed()
         return stats
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"fisher": self.fisher, "anchor": self.anchor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fisher = load_params(state["fisher"], self.model, "fisher")
-        self.anchor = load_params(state["anchor"], self.model, "anchor")
-        self._changed()
+    STATE = ("fisher", "anchor")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modes import freeze_batchnorm_stats, module_modes, restore_modes
 from .base import Method, check, heads, nonneg, pos_int, register, seed_ok, task_generator
 from .trunk import Layer, add_weight_decay, check_task_order, sgd_without_decay, trunk_layers
 
@@ -103,9 +104,7 @@ class PackNet(Method):
         check(task < 255, f"method 'packnet': at most 255 tasks (uint8 owners); got {task}")
         self._sync()
         if task > 0:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = 0.0  # running statistics stay as the first task left them
+            freeze_batchnorm_stats(self.model)  # they stay as the first task left them
 
     def after_backward(self, task: int) -> None:
         add_weight_decay(self._opt_params, self.hparams["weight_decay"])
@@ -159,7 +158,7 @@ class PackNet(Method):
         opt = torch.optim.SGD(params, lr=hp["retrain_lr"])
         gen = task_generator(hp["seed"], task)
         bs, n, steps = hp["retrain_batch_size"], x.shape[0], 0
-        modes = {m: m.training for m in self.model.modules()}
+        modes = module_modes(self.model)
         self.model.train()
         try:
             for _ in range(hp["retrain_epochs"]):
@@ -176,8 +175,7 @@ class PackNet(Method):
                     opt.step()
                     steps += 1
         finally:
-            for m, flag in modes.items():
-                m.training = flag
+            restore_modes(modes)
         return steps
 
     def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, true_fisher
-from .base import Method, Params, check, task_generator
+from .base import Method, Params, check, load_params, task_generator
 
 
 def quadratic_sum(model: nn.Module, weight: Params, anchor: Params) -> Tensor:
@@ -111,6 +111,17 @@ class QuadraticPenaltyMethod(Method, ABC):
     def _changed(self) -> None:
         """Call after changing the weights or anchors: invalidates the proximal cache."""
         self._version += 1
+
+    #: the per-parameter tensors (attribute names, also their state_dict keys) to checkpoint
+    STATE: ClassVar[tuple[str, ...]] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self.STATE:
+            setattr(self, k, load_params(state[k], self.model, k))
+        self._changed()
 
     def penalty(self) -> Tensor:
         weight, anchor = self.quadratic()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, true_fisher
+from ..methods.base import add_unique
 from ..methods.quadratic import quadratic_sum
 from ..strategy import BLIP
 from .agent import HEADS, ActorCritic
@@ -39,10 +40,7 @@ REGISTRY: dict[str, type[RLMethod]] = {}
 
 
 def register(cls: type[RLMethod]) -> type[RLMethod]:
-    if cls.name in REGISTRY:
-        raise ValueError(f"an RL method named {cls.name!r} is already registered")
-    REGISTRY[cls.name] = cls
-    return cls
+    return add_unique(REGISTRY, cls, "RL method")
 
 
 class RLMethod:

@@ -27,7 +27,6 @@ import json
 import math
 import pickle
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from ..nn import DEFAULT_MAX_BIT
 from ..runs import checkpoint as ckpt
 from ..runs.metrics import matrix_from_list, matrix_to_list
-from ..runs.rundir import RUNS_ROOT, Progress, matrix_csv, run_name
+from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
 from ..runs.seeds import derive_seed
 from .agent import ActorCritic, build_agent, count_params
 from .envs import (
@@ -157,23 +156,13 @@ class _Game:
     train_seconds: float = 0.0
 
 
-class RLRunner:
+class RLRunner(Runner):
+    cfg: RLConfig
+
     def __init__(self, cfg: RLConfig, out: str | Path, *, quiet: bool = False,
                  plots: bool = True, progress: bool | None = None) -> None:
-        cfg.validate()
-        self.cfg = cfg
-        self.out = Path(out)
-        self.quiet = quiet
-        self.plots = plots
-        self.progress = (not quiet and sys.stderr.isatty()) if progress is None else progress
-        self.device = torch.device(cfg.device)
+        super().__init__(cfg, out, quiet, plots, progress)
         self.games = list(cfg.game_names())
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-
-    def log(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, flush=True)
 
     # -- pieces -------------------------------------------------------------------------
 

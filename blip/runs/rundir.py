@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 #: where runs go when the user names no directory
 RUNS_ROOT = Path("runs")
@@ -17,6 +19,29 @@ RUNS_ROOT = Path("runs")
 def run_name(*parts: str, seed: int) -> str:
     """``part1-part2-...-seed<k>``: the directory name of one run."""
     return "-".join([*parts, f"seed{seed}"])
+
+
+class Runner:
+    """What both trainers do with a validated config and a run directory: the device, the
+    torch thread count, progress bars only on a terminal, log lines unless quiet."""
+
+    def __init__(self, cfg: Any, out: str | Path, quiet: bool, plots: bool,
+                 progress: bool | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(out)
+        self.quiet = quiet
+        self.plots = plots
+        self.progress = (not quiet and sys.stderr.isatty()) if progress is None else progress
+        self.device = torch.device(cfg.device)
+        if cfg.threads is not None:
+            # Small models gain nothing from intra-op threads and lose a lot when the
+            # cores are shared (spinning workers): the embedded presets use 1.
+            torch.set_num_threads(cfg.threads)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
 
 
 class Progress:
@@ -64,4 +89,4 @@ def pyplot():  # noqa: ANN201 - matplotlib.pyplot, imported lazily
     return plt
 
 
-__all__ = ["RUNS_ROOT", "Progress", "matrix_csv", "pyplot", "run_name"]
+__all__ = ["RUNS_ROOT", "Progress", "Runner", "matrix_csv", "pyplot", "run_name"]
