@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runs import metrics
-from .trainer import RESULTS
+from .trainer import RESULTS, TrainConfig
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -55,7 +55,7 @@ _NOT_SETTINGS = ("seed", "device", "threads", "data_dir", "download")
 
 
 def _settings_key(r: dict) -> str:
-    cfg = {k: v for k, v in r["config"].items() if k not in _NOT_SETTINGS}
+    cfg = {k: v for k, v in TrainConfig.upgrade(r["config"]).items() if k not in _NOT_SETTINGS}
     return json.dumps(cfg, sort_keys=True, default=str)
 
 

@@ -10,6 +10,9 @@ import math
 
 import numpy as np
 
+# the capacity metric is defined beside the BLIP state it measures (core may not import runs)
+from ..strategy import used_capacity  # noqa: F401  (re-exported: blip.runs.metrics)
+
 
 def new_matrix(n_tasks: int) -> np.ndarray:
     return np.full((n_tasks, n_tasks), np.nan)
@@ -49,16 +52,6 @@ def summary(matrix: np.ndarray, upto: int | None = None) -> dict:
         "forgetting": f,
         "mean_forgetting": float(np.mean(f)) if f else 0.0,
     }
-
-
-def used_capacity(bits_and_counts: dict[str, tuple[int, int]], max_bit: int) -> dict[str, float]:
-    """Capacity per layer and overall from {layer: (sum of bits, n params)}:
-    sum of bits / (max_bit * number of quantized parameters)."""
-    out = {k: s / (max_bit * n) if n else 0.0 for k, (s, n) in bits_and_counts.items()}
-    tot_s = sum(s for s, _ in bits_and_counts.values())
-    tot_n = sum(n for _, n in bits_and_counts.values())
-    out["overall"] = tot_s / (max_bit * tot_n) if tot_n else 0.0
-    return out
 
 
 def matrix_to_list(matrix: np.ndarray) -> list[list[float | None]]:
