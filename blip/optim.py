@@ -26,6 +26,9 @@ def _constraint_map(model: nn.Module) -> dict[Tensor, tuple[nn.Module, str]]:
     return found
 
 
+_UNPLANNED = object()  # a parameter _targets has not seen yet
+
+
 class _Call:
     """The constrained parameters of one foreach call (one max_bit, one device)."""
 
@@ -205,14 +208,16 @@ class ConstrainedSGD(torch.optim.Optimizer):
         plain: list[Tensor] = []
         plain_grads: list[Tensor] = []
         calls: dict[tuple[int, torch.device], _Call] = {}
-        targets, checked = self._targets, self._checked  # locals: this loop is per step
+        plans, checked = self._plans, self._checked  # locals: this loop runs every step
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError("ConstrainedSGD does not support sparse gradients")
-            target = targets(p)
+            target = plans.get(p, _UNPLANNED)
+            if target is _UNPLANNED:
+                target = self._targets(p)
             if target is None:
                 plain.append(p)
                 plain_grads.append(grad)
