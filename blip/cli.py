@@ -11,14 +11,23 @@ from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
-    # choices come from the registries: a new method, benchmark or suite needs no edit here
-    from .classification.data import BENCHMARKS
-    from .methods import METHODS
-    from .rl.envs import SUITES
-    from .rl.methods import METHODS as RL_METHODS
-
     p = argparse.ArgumentParser(prog="blip", description="Continual learning with BLIP.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_report(sub)
+    _add_compare(sub)
+    sub.add_parser("presets", help="print the per-benchmark presets")
+    sub.add_parser("methods", help="list the methods with their hyper-parameters and defaults")
+    _add_rl(sub)
+    return p
+
+
+# Choices come from the registries: a new method, benchmark or suite needs no edit here.
+
+
+def _add_train(sub: Any) -> None:
+    from .classification.data import BENCHMARKS
+    from .methods import METHODS
 
     t = sub.add_parser("train", help="learn a task stream; writes a run directory",
                        description="Learn a sequence of classification tasks. Unset options "
@@ -59,9 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
 
+
+def _add_report(sub: Any) -> None:
     r = sub.add_parser("report", help="summarise run directories (several: a comparison table)")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--json", action="store_true", help="print the results as JSON instead")
+
+
+def _add_compare(sub: Any) -> None:
+    from .classification.data import BENCHMARKS
 
     c = sub.add_parser("compare", help="run (or reuse) several methods over seeds; one table",
                        description="Run every method for every seed on one benchmark (reusing "
@@ -80,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                    "method, NAME=VALUE for every listed method that accepts NAME")
     c.add_argument("--no-plots", action="store_true")
 
-    sub.add_parser("presets", help="print the per-benchmark presets")
-    sub.add_parser("methods", help="list the methods with their hyper-parameters and defaults")
+
+def _add_rl(sub: Any) -> None:
+    from .rl.envs import SUITES
+    from .rl.methods import METHODS as RL_METHODS
 
     rl = sub.add_parser("rl", help="continual RL: PPO on a sequence of Atari/MinAtar games",
                         description="Learn a suite's games in sequence with PPO and a "
@@ -113,7 +130,6 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                     help="instead of training: compare finished runs (table; with --out, "
                     "also OUT/compare.md and OUT/compare.png)")
-    return p
 
 
 def parse_hp(items: Sequence[str]) -> dict[str, Any]:
