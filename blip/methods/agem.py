@@ -83,15 +83,15 @@ class AGEM(Method):
                 p.grad.sub_(alpha * r)
         self.projections += 1
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
         if len(self.mem_x) != task:
             raise RuntimeError(f"method 'agem': memory holds {len(self.mem_x)} tasks at the "
                                f"end of task {task}; tasks must run in order from 0")
-        m = min(self.hparams["mem_per_task"], train_x.shape[0])
-        idx = torch.randperm(train_x.shape[0], generator=task_generator(self.hparams["seed"], task))
-        idx = idx[:m]
-        self.mem_x.append(train_x[idx.to(train_x.device)].detach().clone())
-        self.mem_y.append(train_y[idx.to(train_y.device)].detach().clone())
+        m = min(self.hparams["mem_per_task"], sample_x.shape[0])
+        gen = task_generator(self.hparams["seed"], task)
+        idx = torch.randperm(sample_x.shape[0], generator=gen)[:m]
+        self.mem_x.append(sample_x[idx.to(sample_x.device)].detach().clone())
+        self.mem_y.append(sample_y[idx.to(sample_y.device)].detach().clone())
         stats = {"memory_samples": sum(len(y) for y in self.mem_y),
                  "projected_steps": self.projections}
         self.projections = 0

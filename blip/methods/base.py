@@ -99,8 +99,8 @@ class Method:
     def after_step(self, task: int) -> None:
         pass
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
-        """End of task ``task``; ``train_x``/``train_y`` is its end-of-task sample (its training
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
+        """End of task ``task``; ``sample_x``/``sample_y`` is its end-of-task sample (its training
         set, or a seeded subset of a large one, as model inputs). Returns JSON-able stats."""
         return {}
 

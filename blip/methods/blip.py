@@ -56,10 +56,10 @@ class BLIPMethod(Method):
                               momentum=self.hparams["momentum"],
                               weight_decay=self.hparams["weight_decay"], model=self._blip().model)
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
         t0 = time.perf_counter()
         gen = task_generator(self.hparams["seed"], task)
-        stats = self._blip().end_task(task, (train_x, train_y), generator=gen)
+        stats = self._blip().end_task(task, (sample_x, sample_y), generator=gen)
         stats.pop("capacity")  # layer_capacity() reports it
         stats["end_task_seconds"] = time.perf_counter() - t0
         return stats

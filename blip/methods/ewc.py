@@ -60,8 +60,8 @@ class EWC(QuadraticPenaltyMethod):
         self.tasks += 1
         self._changed()
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
-        fisher, stats = task_fisher(self, task, train_x)
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
+        fisher, stats = task_fisher(self, task, sample_x)
         self.absorb(fisher, snapshot(self.model, fisher))
         return stats
 

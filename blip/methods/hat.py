@@ -298,7 +298,7 @@ class HAT(Method):
     def eval_context(self, task: int) -> contextlib.AbstractContextManager[Any]:
         return self._evaluating(task)
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
         check_task_order(self, task, self.tasks_done)
         self._end_epoch()
         self._sync()

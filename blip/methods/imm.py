@@ -50,8 +50,8 @@ class IMMMode(QuadraticPenaltyMethod):
         ones = {n: torch.ones((), device=p.device) for n, p in self.prev.items()}
         return ones, self.prev
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
-        new, stats = task_fisher(self, task, train_x)
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
+        new, stats = task_fisher(self, task, sample_x)
         if self.fisher:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():

@@ -75,7 +75,7 @@ class LwF(Method):
             loss = loss + self.hparams["lamb"] * dist
         return loss
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
         self.old_model = self._freeze_copy()
         self.old_tasks = task + 1
         return {}

@@ -69,9 +69,9 @@ class MAS(QuadraticPenaltyMethod):
     def quadratic(self) -> tuple[Params, Params]:
         return self.omega, self.anchor
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
         m = self.hparams["max_samples"]
-        x = train_x
+        x = sample_x
         if m is not None and x.shape[0] > m:
             idx = torch.randperm(x.shape[0], generator=task_generator(self.hparams["seed"], task))
             x = x[idx[:m].to(x.device)]

@@ -38,8 +38,8 @@ class OnlineEWC(QuadraticPenaltyMethod):
     def quadratic(self) -> tuple[Params, Params]:
         return self.fisher, self.anchor
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
-        new, stats = task_fisher(self, task, train_x)
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
+        new, stats = task_fisher(self, task, sample_x)
         g = self.hparams["gamma"]
         self.fisher = {n: g * self.fisher[n] + f if n in self.fisher else f
                        for n, f in new.items()}

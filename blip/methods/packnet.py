@@ -178,11 +178,11 @@ class PackNet(Method):
             restore_modes(modes)
         return steps
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
         check_task_order(self, task, self.tasks_done)
         self._sync()
         keep = self.release(task)
-        steps = self._retrain(task, keep, train_x, train_y) if train_x.shape[0] else 0
+        steps = self._retrain(task, keep, sample_x, sample_y) if sample_x.shape[0] else 0
         for own, k in zip(self.owners, keep, strict=True):
             own[k] = task + 1
         self.tasks_done = task + 1

@@ -38,14 +38,14 @@ def _fisher_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def task_fisher(method: Method, task: int, train_x: Tensor) -> tuple[Params, dict[str, Any]]:
+def task_fisher(method: Method, task: int, sample_x: Tensor) -> tuple[Params, dict[str, Any]]:
     """True-Fisher diagonal of the model on ``task`` (see the module doc) and stats."""
     hp, model = method.hparams, method.model
     layers = _fisher_layers(model)
     if not layers:
         raise ValueError(f"method {method.name!r} needs a model with nn.Linear/nn.Conv2d layers")
     fisher, n = true_fisher(
-        model, layers, train_x, lambda x: model(x, task), n_batches=hp["fisher_batches"],
+        model, layers, sample_x, lambda x: model(x, task), n_batches=hp["fisher_batches"],
         batch_size=hp["fisher_batch_size"], generator=task_generator(hp["seed"], task))
     others = [p for p, _ in model.named_parameters() if p not in fisher]
     return fisher, {"fisher_samples": n, "unregularised": others}

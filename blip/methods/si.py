@@ -78,7 +78,7 @@ class SI(QuadraticPenaltyMethod):
                 self.path[n] -= g * (params[n] - self._before[n])
         self._grad, self._before = {}, {}
 
-    def after_task(self, task: int, train_x: Tensor, train_y: Tensor) -> dict[str, Any]:
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
         if not self.start:
             raise RuntimeError("method 'si': after_task() without before_task()")
         xi = self.hparams["xi"]
