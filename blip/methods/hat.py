@@ -1,4 +1,5 @@
-"""``hat``: Hard Attention to the Task, learned per-task unit gates on the trunk."""
+"""``hat``: Hard Attention to the Task, learned per-task unit gates on the trunk (what the
+trunk is, weight decay, BatchNorm: :mod:`blip.methods.trunk`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``packnet``: PackNet, per-task ownership of pruned trunk weights."""
+"""``packnet``: PackNet, per-task ownership of pruned trunk weights (what the trunk is,
+weight decay, BatchNorm: :mod:`blip.methods.trunk`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class PackNet(Method):
 
     ``owner`` (uint8, one per trunk weight): 0 = free, ``k`` = owned by task ``k − 1``.
     While task ``t`` trains, every weight is used but only free ones are updated
-    (gradients of owned weights zeroed after backward; see the module doc for weight
+    (gradients of owned weights zeroed after backward; see blip.methods.trunk for weight
     decay and momentum). After it (``after_task``): in each trunk layer the fraction
     ``prune`` of the free weights with the smallest magnitude is released (set to 0,
     left free); the kept ones are retrained alone for ``retrain_epochs`` epochs (plain

@@ -1,6 +1,6 @@
 """The trunk of a multi-head model and the masked-gradient SGD that HAT and PackNet share.
 
-Registered names: ``hat``, ``packnet``. Both act on the *trunk*: every ``nn.Linear`` /
+HAT (``hat.py``) and PackNet (``packnet.py``) act on the *trunk*: every ``nn.Linear`` /
 ``nn.Conv2d`` of the model that is not under ``model.heads`` (the per-task heads are
 trained only by their own task's loss, so they need no protection). Both evaluate
 task ``t`` through :meth:`Method.eval_context`, which the trainer enters around every
