@@ -9,6 +9,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+TRUST_HELP = ("unpickle data files (CIFAR batches, mini-ImageNet .pkl) and checkpoints of "
+              "older blip versions without restriction: only for files you trust (by default "
+              "only numpy arrays and plain containers are read from them)")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip", description="Continual learning with BLIP.")
@@ -65,6 +69,7 @@ def _add_train(sub: Any) -> None:
                    "or $BLIP_DATA_DIR)")
     t.add_argument("--download", action="store_true",
                    help="fetch missing full-benchmark files with torchvision")
+    t.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
 
@@ -90,6 +95,7 @@ def _add_compare(sub: Any) -> None:
     c.add_argument("--epochs", type=int, help="epoch budget per task (default: preset)")
     c.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
     c.add_argument("--data-dir", help="root of the full benchmarks' files")
+    c.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     c.add_argument("--hp", action="append", default=[], metavar="[METHOD:]NAME=VALUE",
                    help="a method hyper-parameter (repeatable): METHOD:NAME=VALUE for one "
                    "method, NAME=VALUE for every listed method that accepts NAME")
@@ -125,6 +131,7 @@ def _add_rl(sub: Any) -> None:
     rl.add_argument("--threads", type=int, help="torch threads and ALE worker threads")
     rl.add_argument("--out", help="run directory (default runs/rl-<suite>-<method>-seed<k>)")
     rl.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    rl.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     rl.add_argument("--no-plots", action="store_true")
     rl.add_argument("--quiet", action="store_true")
     rl.add_argument("--compare", nargs="+", metavar="RUN_DIR",
@@ -196,7 +203,7 @@ def _train(a: argparse.Namespace) -> int:
         width=a.width, lr_patience=a.lr_patience,
         lr_factor=a.lr_factor, lr_min=a.lr_min, momentum=a.momentum, n_tasks=a.n_tasks,
         seed=a.seed, device=a.device, threads=a.threads, data_dir=a.data_dir, download=a.download,
-        method_kwargs=method_kwargs,
+        method_kwargs=method_kwargs, trust_pickles=a.trust_pickles,
     )
     train(cfg, a.out or default_run_dir(cfg), resume=a.resume, quiet=a.quiet,
           plots=not a.no_plots)
@@ -213,6 +220,8 @@ def _compare(a: argparse.Namespace) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     overrides = {k: v for k, v in (("epochs", a.epochs), ("n_tasks", a.n_tasks),
                                    ("data_dir", a.data_dir)) if v is not None}
+    if a.trust_pickles:
+        overrides["trust_pickles"] = True
     out = a.out or f"runs/compare-{a.benchmark}"
     print(compare(a.benchmark, methods, seeds, out, plots=not a.no_plots,
                   hparams=compare_hp(a.hp, methods), **overrides))
@@ -232,7 +241,8 @@ def _rl(a: argparse.Namespace) -> int:
         suite=a.suite, method=a.method, steps=a.steps, envs=a.envs, games=a.games, seed=a.seed,
         device=a.device, threads=a.threads, eval_episodes=a.eval_episodes,
         eval_max_steps=a.eval_max_steps, gif_frames=a.gif_frames,
-        checkpoint_every=a.checkpoint_every, ppo=PPOConfig(lr=a.lr, n_steps=a.n_steps), **given,
+        checkpoint_every=a.checkpoint_every, ppo=PPOConfig(lr=a.lr, n_steps=a.n_steps),
+        trust_pickles=a.trust_pickles, **given,
     )
     run_rl(cfg, a.out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots)
     return 0
@@ -266,8 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "methods":
             print(_methods_text())
             return 0
-    except (ValueError, FileNotFoundError, TypeError, DataFormatError) as e:
-        # user errors (bad option values, missing files): one clear line, no traceback
+    except (ValueError, OSError, TypeError, DataFormatError) as e:
+        # user errors (bad option values, bad or missing files) and I/O failures (disk
+        # full, read-only): one clear line naming the path, no traceback
         print(f"blip {a.command}: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 import blip_kernels
 
+from . import validate
+
 FORWARD_MODES = ("continuous", "quantized")
 DEFAULT_MAX_BIT = 20
 DEFAULT_F_PRIOR = 1e-15
@@ -62,12 +64,12 @@ def blip_init_(layer: nn.Linear | nn.Conv2d) -> None:
 
 
 def _check_config(max_bit: int, F_prior: float, forward_mode: str) -> None:
-    if not (isinstance(max_bit, int) and 1 <= max_bit <= blip_kernels.ops.MAX_SUPPORTED_BIT):
+    if not (validate.is_int(max_bit) and 1 <= max_bit <= blip_kernels.ops.MAX_SUPPORTED_BIT):
         raise ValueError(
             f"max_bit must be an int in 1..{blip_kernels.ops.MAX_SUPPORTED_BIT}; got {max_bit!r}"
         )
-    if not (isinstance(F_prior, (int, float)) and math.isfinite(F_prior) and F_prior > 0):
-        raise ValueError(f"F_prior must be a positive finite number; got {F_prior!r}")
+    # the prior seeds F_old, a divisor of the bit gain: it must stay > 0 in float32
+    validate.positive32("F_prior", F_prior)
     if forward_mode not in FORWARD_MODES:
         raise ValueError(f"forward_mode must be one of {FORWARD_MODES}; got {forward_mode!r}")
 
@@ -89,7 +91,7 @@ class _QuantMixin:
 
     def _init_blip(self, max_bit: int, F_prior: float, forward_mode: str) -> None:
         _check_config(max_bit, F_prior, forward_mode)
-        self.max_bit = max_bit
+        self.max_bit = int(max_bit)
         self.F_prior = float(F_prior)
         self.forward_mode = forward_mode
         self.fan_in = self.weight[0].numel()
@@ -215,15 +217,32 @@ class _QuantMixin:
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
         # Bits are trusted by the per-step kernels (value checks off), so check them once
-        # here, where foreign data enters.
+        # here, where foreign data enters, and BEFORE anything is copied: a rejected
+        # state leaves the layer as it was.
         for name in self.blip_param_names():
-            bits = getattr(self, f"bits_{name}")
-            if bits.numel() and int(bits.max()) > self.max_bit:
-                raise ValueError(
-                    f"{prefix}bits_{name} holds {int(bits.max())} > max_bit={self.max_bit}"
-                )
+            self._check_incoming(state_dict, prefix, name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+    def _check_incoming(self, state_dict: dict, prefix: str, name: str) -> None:
+        bits = state_dict.get(f"{prefix}bits_{name}")
+        if isinstance(bits, Tensor) and bits.numel():
+            if bits.is_floating_point() or bits.is_complex() or bits.dtype == torch.bool:
+                raise ValueError(f"{prefix}bits_{name} must hold integers; got {bits.dtype}")
+            lo, hi = int(bits.min()), int(bits.max())
+            if lo < 0 or hi > self.max_bit:
+                raise ValueError(f"{prefix}bits_{name} holds values {lo}..{hi}, outside "
+                                 f"0..max_bit={self.max_bit}")
+        for kind in ("prev", "fisher_old"):
+            t = state_dict.get(f"{prefix}{kind}_{name}")
+            if isinstance(t, Tensor) and t.numel() and t.is_floating_point():
+                bad = ~torch.isfinite(t.float())
+                if kind == "fisher_old":
+                    bad |= t < 0  # a running Fisher is a mean of squares
+                if bool(bad.any()):
+                    what = "not finite or negative" if kind == "fisher_old" else "not finite"
+                    raise ValueError(f"{prefix}{kind}_{name} holds {int(bad.sum())} values that "
+                                     f"are {what}")
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -291,6 +310,18 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 
 
 QUANT_TYPES = (QuantLinear, QuantConv2d)
+
+
+def load_state_dict_atomic(module: nn.Module, state_dict: dict, strict: bool = True) -> None:
+    """``module.load_state_dict`` that changes nothing when it fails: torch copies every
+    entry that fits before reporting the ones that do not, so on any error the state as
+    it was is put back (one copy of the state, only while loading)."""
+    backup = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    try:
+        module.load_state_dict(state_dict, strict=strict)
+    except BaseException:
+        module.load_state_dict(backup)
+        raise
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -394,6 +425,7 @@ __all__ = [
     "blip_init_",
     "convert",
     "is_quantized",
+    "load_state_dict_atomic",
     "quantized_layers",
     "weight_bound",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,17 +12,33 @@ from torch.optim.sgd import sgd  # torch's functional SGD: the same math as SGD.
 
 import blip_kernels
 
+from . import validate
 from .nn import quantized_layers
 
 
-def _constraint_map(model: nn.Module) -> dict[Tensor, tuple[nn.Module, str]]:
+def _constraint_map(model: nn.Module) -> dict[Tensor, tuple[nn.Module, str, str]]:
     # Keyed by the Parameter object (tensors hash by identity). The buffers are
     # read at step time through the layer, so .to()/load_state_dict stay safe.
-    found: dict[Tensor, tuple[nn.Module, str]] = {}
-    for _, layer in quantized_layers(model):
+    found: dict[Tensor, tuple[nn.Module, str, str]] = {}
+    for lname, layer in quantized_layers(model):
         for name in layer.blip_param_names():
-            found[getattr(layer, name)] = (layer, name)
+            found[getattr(layer, name)] = (layer, name, f"{lname}.{name}" if lname else name)
     return found
+
+
+def _check_buffers(name: str, p: Tensor, prev: Tensor, bits: Tensor) -> None:
+    """A clear error naming the parameter before the kernel would read out of bounds."""
+    if not (p.shape == prev.shape == bits.shape):
+        raise ValueError(
+            f"ConstrainedSGD: parameter {name!r} has shape {tuple(p.shape)} but its BLIP "
+            f"buffers prev/bits have {tuple(prev.shape)}/{tuple(bits.shape)} (was its .data "
+            f"replaced?); convert the model again (blip.convert) and build a new optimizer")
+    if not (p.device == prev.device == bits.device):
+        raise ValueError(f"ConstrainedSGD: parameter {name!r} is on {p.device} but its BLIP "
+                         f"buffers are on {prev.device}/{bits.device}; move the whole model")
+    if prev.dtype != torch.float32 or bits.dtype != torch.uint8 or not p.is_floating_point():
+        raise ValueError(f"ConstrainedSGD: parameter {name!r} ({p.dtype}) needs fp32 prev and "
+                         f"uint8 bits buffers; got {prev.dtype}/{bits.dtype}")
 
 
 _UNPLANNED = object()  # a parameter _targets has not seen yet
@@ -42,17 +57,15 @@ class _Call:
         self.bounds: list[float] = []
         self.bufs: list[Tensor] = []
         self.damps: list[float] | float = dampening  # a list once some buffer is new
-        self.unchecked: list[Tensor] = []  # parameters stepping for the first time
+        # first step, or changed since the last check: (parameter, (signature, storages))
+        self.unchecked: list[tuple[Tensor, tuple]] = []
 
-    def add(self, p: Tensor, grad: Tensor, prev: Tensor, bits: Tensor, bound: float,
-            unchecked: bool) -> None:
+    def add(self, p: Tensor, grad: Tensor, prev: Tensor, bits: Tensor, bound: float) -> None:
         self.ws.append(p)
         self.grads.append(grad)
         self.prevs.append(prev)
         self.bits.append(bits)
         self.bounds.append(bound)
-        if unchecked:
-            self.unchecked.append(p)
 
     def add_momentum_buffer(self, state: dict, p: Tensor, dampening: float) -> None:
         buf = state.get("momentum_buffer")
@@ -104,22 +117,24 @@ class ConstrainedSGD(torch.optim.Optimizer):
         if model is None:
             raise TypeError("model is required (to find the BLIP constraints) unless params "
                             "is the model itself")
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0; got {lr!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1); got {momentum!r}")
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"dampening must be in [0, 1]; got {dampening!r}")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
+        # finite in float32 (the kernels' precision), bools refused: blip.validate
+        validate.number("lr", lr, lo=0.0)
+        validate.number("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
+        validate.number("dampening", dampening, lo=0.0, hi=1.0)
+        validate.number("weight_decay", weight_decay, lo=0.0)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be True or False; got {nesterov!r}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov requires momentum > 0 and dampening == 0")
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov}
         super().__init__(params, defaults)
         self._constraints = _constraint_map(model)
-        self._plans: dict[Tensor, tuple[dict, str, str, float, int] | None] = {}
-        self._checked: set[Tensor] = set()  # parameters whose arguments were validated
+        self._plans: dict[Tensor, tuple[dict, str, str, float, int, str] | None] = {}
+        # parameter -> (signature: addresses and shapes, storages) at its last full
+        # validation. Holding the storages keeps their addresses from being reused by a
+        # later allocation, so a changed buffer always shows as a changed address.
+        self._checked: dict[Tensor, tuple] = {}
         self._skipped: list[Tensor] = []
 
     @staticmethod
@@ -173,8 +188,9 @@ class ConstrainedSGD(torch.optim.Optimizer):
             torch._C._set_grad_enabled(prev)
         return loss
 
-    def _targets(self, p: Tensor) -> tuple[dict, str, str, float, int] | None:
-        """Where p's BLIP state lives: (layer buffers, prev key, bits key, bound, max_bit).
+    def _targets(self, p: Tensor) -> tuple[dict, str, str, float, int, str] | None:
+        """Where p's BLIP state lives: (layer buffers, prev key, bits key, bound, max_bit,
+        qualified name).
 
         Cached per parameter so a step does dict reads only (Module.__getattr__, the
         f-strings and bound_of cost more Python time than a small layer's kernel). The
@@ -184,9 +200,9 @@ class ConstrainedSGD(torch.optim.Optimizer):
         if cached is None and p not in self._plans:
             target = self._constraints.get(p)
             if target is not None:
-                layer, name = target
+                layer, name, qualified = target
                 cached = (layer._buffers, f"prev_{name}", f"bits_{name}", layer.bound_of(name),
-                          layer.max_bit)
+                          layer.max_bit, qualified)
             self._plans[p] = cached
         return cached
 
@@ -222,7 +238,7 @@ class ConstrainedSGD(torch.optim.Optimizer):
                 plain.append(p)
                 plain_grads.append(grad)
                 continue
-            buffers, prev_key, bits_key, bound, max_bit = target
+            buffers, prev_key, bits_key, bound, max_bit, qualified = target
             key = (max_bit, p.device)
             call = calls.get(key)
             if call is None:
@@ -230,9 +246,23 @@ class ConstrainedSGD(torch.optim.Optimizer):
             if momentum != 0:
                 call.add_momentum_buffer(self.state[p], p, dampening)
             # The first step of a parameter (in this optimizer object) checks everything,
-            # bits <= max_bit included; later ones skip the checks: bits only change in
-            # update_bits_, which caps them, and load_state_dict re-checks them.
-            call.add(p, grad, buffers[prev_key], buffers[bits_key], bound, p not in checked)
+            # bits <= max_bit included; later ones only compare a signature of what the
+            # kernels rely on and a user can change between steps (p.data = ..., layer.to(),
+            # a buffer swapped or sliced): addresses and sizes (a new dtype or device means
+            # new storage, hence a new address). Inline: ~0.8 µs a parameter. So a changed
+            # parameter or buffer is re-validated (bits <= max_bit too, in _constrained_step)
+            # and a misfit is a clear error, not an out-of-bounds write. Bits only change in
+            # place through update_bits_, which caps them, and load_state_dict, which checks
+            # them.
+            prev_t, bits_t = buffers[prev_key], buffers[bits_key]
+            sig = (p.data_ptr(), prev_t.data_ptr(), bits_t.data_ptr(), p.shape, prev_t.shape,
+                   bits_t.shape)
+            last = checked.get(p)
+            if last is None or last[0] != sig:
+                _check_buffers(qualified, p, prev_t, bits_t)
+                call.unchecked.append((p, (sig, (p.untyped_storage(), prev_t.untyped_storage(),
+                                                 bits_t.untyped_storage()))))
+            call.add(p, grad, prev_t, bits_t, bound)
         return plain, plain_grads, calls
 
     def _constrained_step(self, call: _Call, max_bit: int, lr: float, momentum: float,
@@ -244,7 +274,7 @@ class ConstrainedSGD(torch.optim.Optimizer):
         else:
             with blip_kernels.value_checks(True):
                 count = blip_kernels.constrained_sgd_step_foreach_(*args)
-            self._checked.update(call.unchecked)
+            self._checked.update(call.unchecked)  # parameter -> (signature, storages)
         self._add_skipped(count)
 
     def _plain_sgd(self, params: list[Tensor], grads: list[Tensor], lr: float, momentum: float,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, estimate_fisher_
-from .nn import DEFAULT_F_PRIOR, DEFAULT_MAX_BIT, convert, quantized_layers
+from .nn import DEFAULT_F_PRIOR, DEFAULT_MAX_BIT, convert, load_state_dict_atomic, quantized_layers
 from .optim import ConstrainedSGD, project_model_
 
 STATE_VERSION = 1
@@ -194,9 +194,13 @@ class BLIP:
         if cfg.get("max_bit", self.max_bit) != self.max_bit:
             raise ValueError(f"state has max_bit={cfg['max_bit']}, this BLIP max_bit="
                              f"{self.max_bit}")
-        if "model" in state:
-            self.model.load_state_dict(state["model"])
-        self.tasks_seen = int(state["tasks_seen"])
+        tasks_seen = state["tasks_seen"]
+        if not (isinstance(tasks_seen, int) and not isinstance(tasks_seen, bool)
+                and tasks_seen >= 0):
+            raise ValueError(f"state's tasks_seen must be an int >= 0; got {tasks_seen!r}")
+        if "model" in state:  # validated as a whole, then assigned (or nothing changes)
+            load_state_dict_atomic(self.model, state["model"])
+        self.tasks_seen = tasks_seen
 
 
 __all__ = ["BLIP", "used_capacity"]

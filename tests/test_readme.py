@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).parent.parent / "README.md"
@@ -28,3 +30,26 @@ def test_readme_example_runs():
     assert 0.0 < capacity["overall"] <= 1.0
     assert set(capacity["layers"]) == {name for name, _ in
                                        __import__("blip").quantized_layers(scope["model"])}
+
+
+def _section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_readme_safety_section_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
+    section = _section("What is checked and what is trusted")
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(code, str(README), "exec"), {"__name__": "readme"})  # noqa: S102
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert "this would have run" not in printed  # the payload did not run ...
+    assert len(printed) == 1 and "data_batch_1: refusing" in printed[0]  # ... it was named
+    (shell,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    from blip.cli import _parser
+
+    commands = [shlex.split(line.split("#")[0]) for line in shell.strip().splitlines()]
+    assert commands and all(c[0] == "blip" for c in commands)
+    for argv in commands:  # every flag shown exists (the data and the run are the reader's)
+        assert _parser().parse_args(argv[1:]).trust_pickles is True

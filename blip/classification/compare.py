@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import validate
 from ..methods import METHODS
 from ..runs import metrics
 from ..runs.checkpoint import write_text_atomic
 from ..runs.rundir import pyplot, run_name
 from .report import load_results
-from .trainer import RESULTS, TrainConfig, train
+from .trainer import RESULTS, TrainConfig, preflight, train
 
 #: settings that must match for a finished run to be reused: all that shape its results
 _SAME = TrainConfig.RESULT_KEYS
@@ -47,12 +48,21 @@ def run_all(benchmark: str, methods: Sequence[str], seeds: Sequence[int], out: s
     unknown = [m for m in methods if m not in METHODS]
     if unknown:  # before any run starts
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    for what, items in (("methods", methods), ("seeds", seeds)):
+        twice = sorted({str(x) for x in items if list(items).count(x) > 1})
+        if twice:  # a repeated seed would be one run counted twice in the mean ± std
+            raise ValueError(f"{what} must not repeat; {', '.join(twice)} listed twice")
+    validate.writable_dir(out, "out directory")
+    cfgs = {(method, seed): TrainConfig.from_preset(
+                benchmark, method=method, seed=seed,
+                method_kwargs=dict((hparams or {}).get(method, {})), **overrides)
+            for method in methods for seed in seeds}
+    for cfg in cfgs.values():  # every run's settings checked before the first one trains
+        preflight(cfg)
     grouped: dict[str, list[dict]] = {}
     for method in methods:
         for seed in seeds:
-            cfg = TrainConfig.from_preset(benchmark, method=method, seed=seed,
-                                          method_kwargs=dict((hparams or {}).get(method, {})),
-                                          **overrides)
+            cfg = cfgs[(method, seed)]
             d = run_dir(out, benchmark, method, seed)
             same = _same_settings(d, cfg)
             if same and load_results(d).get("complete"):

@@ -8,18 +8,33 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import validate
 from ..runs import metrics
 from .trainer import RESULTS, TrainConfig
 
+#: what report and compare read from a `blip train` results.json
+RESULT_KEYS = ("benchmark", "method", "n_tasks", "tasks_done", "complete", "acc_matrix", "acc",
+               "bwt", "bwt_authors", "capacity", "total_seconds", "tasks", "end_task_seconds",
+               "config")
+
 
 def load_results(run_dir: str | Path) -> dict:
+    """A `blip train` run's results.json; a ValueError naming the file if it is not one."""
     path = Path(run_dir) / RESULTS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a `blip train` run directory?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        r = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if isinstance(r, dict) and "reward_matrix" in r and "acc_matrix" not in r:
+        raise ValueError(f"{path} belongs to a `blip rl` run; compare RL runs with "
+                         f"`blip rl --compare {run_dir} ...`")
+    return validate.require_keys(r, RESULT_KEYS, path, "a `blip train` results file")
+
+
+def _malformed(run_dir: str | Path, e: Exception) -> ValueError:
+    return ValueError(f"{Path(run_dir) / RESULTS} is malformed ({type(e).__name__}: {e})")
 
 
 def _pts(v: float | None, sign: bool = False) -> str:
@@ -51,7 +66,7 @@ def summary_text(run_dir: str | Path, r: dict) -> str:
 
 
 #: config entries that may differ between seeds of one group (they do not change results)
-_NOT_SETTINGS = ("seed", "device", "threads", "data_dir", "download")
+_NOT_SETTINGS = ("seed", "device", "threads", "data_dir", "download", "trust_pickles")
 
 
 def _settings_key(r: dict) -> str:
@@ -100,6 +115,16 @@ def comparison_table(runs: list[tuple[str, dict]]) -> str:
 
 def report(run_dirs: list[str]) -> str:
     runs = [(d, load_results(d)) for d in run_dirs]
+    texts = []
+    for d, r in runs:  # each run rendered alone first, so a bad file is named
+        try:
+            texts.append(summary_text(d, r))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise _malformed(d, e) from None
     if len(runs) == 1:
-        return summary_text(*runs[0])
-    return comparison_table(runs)
+        return texts[0]
+    try:
+        return comparison_table(runs)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"results of {', '.join(map(str, run_dirs))} are malformed "
+                         f"({type(e).__name__}: {e})") from None

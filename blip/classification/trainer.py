@@ -33,9 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validate
 from ..methods import METHODS, Method, make_method, method_class
+from ..nn import load_state_dict_atomic
 from ..runs import checkpoint as ckpt
 from ..runs import metrics
+from ..runs.backend_info import kernel_backend
 from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
 from ..runs.seeds import derive_seed, seed_everything
 from .data import TaskData, TaskStream, load_benchmark
@@ -43,6 +46,7 @@ from .presets import Preset, get_preset
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_KEYS = ("task", "config", "model", "method", "rng", "acc", "records", "bits_hist")
 # What every method's after_task gets: the task's training set, subsampled (seeded) to
 # this many samples before it becomes float inputs, to bound memory (the Fisher methods
 # use at most 80 x 100 of them).
@@ -71,6 +75,8 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     method_kwargs: dict = field(default_factory=dict)  # the method's hyper-parameters
+    # unpickle data-set files and old checkpoints without restriction (blip.runs.safeload)
+    trust_pickles: bool = False
 
     # Keys that change the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
@@ -118,23 +124,28 @@ class TrainConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
-            (self.lr > 0, f"lr must be > 0; got {self.lr}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}"),
-            (self.lr_factor > 1, f"lr_factor must be > 1; got {self.lr_factor}"),
-            (self.lr_patience >= 1, f"lr_patience must be >= 1; got {self.lr_patience}"),
-            (self.threads is None or self.threads >= 1,
-             f"threads must be >= 1; got {self.threads}"),
-            (self.n_tasks is None or self.n_tasks >= 1,
-             f"n_tasks must be >= 1; got {self.n_tasks}"),
-            (self.lr_min > 0, f"lr_min must be > 0; got {self.lr_min}"),
-            (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
-             f"device must be cpu, cuda or cuda:N; got {self.device!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        """Every setting's type and range (numbers finite in float32, no bools for
+        numbers), named, before anything is loaded or trained. The method's own
+        hyper-parameters (``method_kwargs``: F_prior, max_bit, ...) are the method's to
+        check (:func:`preflight`)."""
+        V = validate
+        for k in ("epochs", "batch_size", "hidden", "lr_patience"):
+            V.number(k, getattr(self, k), lo=1, integer=True)
+        V.number("n_hidden_layers", self.n_hidden_layers, lo=0, integer=True)
+        V.number("seed", self.seed, integer=True)
+        V.optional_int("threads", self.threads, 1)
+        V.optional_int("n_tasks", self.n_tasks, 1)
+        for k in ("lr", "lr_min", "width"):
+            V.number(k, getattr(self, k), lo=0.0, lo_open=True)
+        V.number("lr_factor", self.lr_factor, lo=1.0, lo_open=True)
+        V.number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        for k in ("benchmark", "method", "model", "device"):
+            if not isinstance(getattr(self, k), str):
+                raise ValueError(f"{k} must be a string; got {getattr(self, k)!r}")
+        if not isinstance(self.method_kwargs, dict):
+            raise ValueError(f"method_kwargs must be a dict; got {self.method_kwargs!r}")
+        if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
+            raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available here")
 
@@ -166,19 +177,35 @@ def method_hparams(cfg: TrainConfig) -> dict:
     return hp
 
 
+def _check_method(cfg: TrainConfig) -> None:
+    # the method's __init__ checks its hyper-parameters; built on a tiny bundled model,
+    # trunk and heads, so a method that looks at the model's shape finds the usual one
+    from ..models import MLP
+
+    make_method(cfg.method, MLP(1, 2, [2]), **method_hparams(cfg))
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that needs no data: the config, then the method's hyper-parameters."""
+    cfg.validate()
+    _check_method(cfg)
+
+
 class Trainer(Runner):
     cfg: TrainConfig
 
     def __init__(self, cfg: TrainConfig, out: str | Path, quiet: bool = False,
                  plots: bool = True, stream: TaskStream | None = None) -> None:
-        super().__init__(cfg, out, quiet, plots)
+        super().__init__(cfg, out, quiet, plots)  # validates cfg
+        _check_method(cfg)  # with the config: preflight(cfg), before any data is loaded
         self._stream = stream
 
     # -- setup --------------------------------------------------------------------------
 
     def _load_stream(self) -> TaskStream:
         s = self._stream or load_benchmark(self.cfg.benchmark, self.cfg.data_dir,
-                                           self.cfg.download, self.cfg.seed)
+                                           self.cfg.download, self.cfg.seed,
+                                           trust_pickles=self.cfg.trust_pickles)
         if self.cfg.n_tasks is not None and self.cfg.n_tasks < len(s):
             s = s.truncated(self.cfg.n_tasks)
         return s
@@ -345,6 +372,7 @@ class Trainer(Runner):
             "config": self.cfg.to_dict(),
             "torch": torch.__version__,
             "device": str(self.device),
+            "kernel_backend": kernel_backend(self.device),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.out / RESULTS, json.dumps(results, indent=1))
@@ -376,9 +404,10 @@ class Trainer(Runner):
         """A fresh run's state, or the checkpoint's when resuming one."""
         path = self.out / CHECKPOINT
         if resume and path.is_file():
-            c = ckpt.load(path, map_location=self.device)
+            c = ckpt.load(path, map_location=self.device, required=CHECKPOINT_KEYS,
+                          trust_pickles=self.cfg.trust_pickles)
             self._check_compatible(c["config"])
-            net.load_state_dict(c["model"])
+            load_state_dict_atomic(net, c["model"])
             try:
                 method.load_state_dict(c["method"])
             except KeyError as e:  # a checkpoint of an older layout of this method's state
@@ -399,21 +428,25 @@ class Trainer(Runner):
 
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
+        validate.writable_dir(self.out, "out directory")  # before hours of training, not after
         stream = self._load_stream()
         T = len(stream)
         net, method = self._setup(stream)
         state = self._start(net, method, T, resume)
         n_params = sum(p.numel() for p in net.parameters())
         self.log(f"{cfg.benchmark}: {T} tasks, input {stream.input_shape}; {cfg.method} on "
-                 f"{cfg.model} ({n_params} parameters), device {self.device}, seed {cfg.seed}")
+                 f"{cfg.model} ({n_params} parameters), device {self.device}, kernels "
+                 f"{kernel_backend(self.device)}, seed {cfg.seed}")
         for t in range(state["task"] + 1, T):
             record, hist = self.learn_task(net, method, stream, t, state["acc"])
             state["records"].append(record)
             state["bits_hist"].append(hist)
             state["task"] = t
             self._log_task(record, state["acc"][t, : t + 1])
-            self._write_outputs(state, stream, done=t == T - 1)
+            # the checkpoint first: results.json never describes a task the checkpoint
+            # lacks (a failed write stops the run with both files at the previous task)
             self._checkpoint(state, net, method)
+            self._write_outputs(state, stream, done=t == T - 1)
         results = self._write_outputs(state, stream, done=True)
         if self.plots:
             try:

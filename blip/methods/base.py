@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import validate
+
 
 def tensor_bytes(obj: Any) -> int:
     """Total bytes of the tensors in a (nested) dict / list / tuple."""
@@ -70,6 +72,8 @@ class Method:
                             f"{sorted(unknown)}; accepted: {sorted(self.HPARAMS)}")
         self.model = model
         self.hparams: dict[str, Any] = {**self.HPARAMS, **hparams}
+        # types, float32 finiteness, momentum/weight_decay ranges; subclasses add ranges
+        validate.check_hparams(self.name, self.HPARAMS, self.hparams)
 
     def prepare(self) -> nn.Module:
         """Return the model to train (possibly converted in place). Call once, first."""
@@ -79,6 +83,7 @@ class Method:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def make_optimizer(self, task: int, lr: float) -> torch.optim.Optimizer:
+        validate.number("lr", lr, lo=0.0)  # finite in float32: torch's SGD would take 1e39
         return torch.optim.SGD(self.trainable_parameters(task), lr=lr,
                                momentum=self.hparams["momentum"],
                                weight_decay=self.hparams["weight_decay"])
@@ -166,22 +171,18 @@ def check(cond: bool, msg: str) -> None:
 
 
 def nonneg(method: str, hp: dict[str, Any], *names: str) -> None:
-    for n in names:
-        v = hp[n]
-        check(isinstance(v, (int, float)) and v >= 0,
-               f"method {method!r}: {n} must be a number >= 0; got {v!r}")
+    for n in names:  # finite in float32, not a bool (blip.validate)
+        validate.number(n, hp[n], lo=0.0, where=f"method {method!r}: ")
 
 
 def pos_int(method: str, hp: dict[str, Any], *names: str) -> None:
     for n in names:
-        v = hp[n]
-        check(isinstance(v, int) and v >= 1,
-               f"method {method!r}: {n} must be an int >= 1; got {v!r}")
+        validate.number(n, hp[n], lo=1, integer=True, where=f"method {method!r}: ")
 
 
 def seed_ok(method: str, hp: dict[str, Any]) -> None:
-    check(hp["seed"] is None or isinstance(hp["seed"], int),
-           f"method {method!r}: seed must be an int or None; got {hp['seed']!r}")
+    check(hp["seed"] is None or validate.is_int(hp["seed"]),
+          f"method {method!r}: seed must be an int or None; got {hp['seed']!r}")
 
 
 def task_generator(seed: int | None, task: int) -> torch.Generator:
@@ -200,7 +201,15 @@ def load_params(state: Params, model: nn.Module, what: str) -> Params:
     """Copy saved per-parameter tensors onto their parameter's device, checking names/shapes."""
     params = dict(model.named_parameters())
     out: Params = {}
+    if not isinstance(state, dict):
+        raise ValueError(f"load_state_dict: {what} must be a dict of tensors; got "
+                         f"{type(state).__name__}")
     for n, t in state.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"load_state_dict: {what}[{n!r}] must be a floating-point tensor; "
+                             f"got {getattr(t, 'dtype', type(t).__name__)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"load_state_dict: {what}[{n!r}] holds non-finite values")
         if n not in params:
             raise ValueError(f"load_state_dict: {what} names parameter {n!r}, which the model "
                              f"does not have")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES
-from ..nn import DEFAULT_F_PRIOR, DEFAULT_MAX_BIT, quantized_layers
+from ..nn import DEFAULT_F_PRIOR, DEFAULT_MAX_BIT, _check_config, quantized_layers
 from ..optim import ConstrainedSGD
 from ..strategy import BLIP
 from .base import Method, register, task_generator, tensor_bytes
@@ -34,6 +34,10 @@ class BLIPMethod(Method):
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         super().__init__(model, **hparams)
+        # BLIP's own settings checked now, not first when prepare() converts the model: a
+        # run's pre-flight only builds the method (max_bit range, F_prior > 0 in float32)
+        hp = self.hparams
+        _check_config(hp["max_bit"], hp["F_prior"], hp["forward_mode"])
         self.strategy: BLIP | None = None
 
     def prepare(self) -> nn.Module:

@@ -70,6 +70,5 @@ class EWC(QuadraticPenaltyMethod):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "tasks": self.tasks}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.tasks = int(state["tasks"])
+    def _other_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {"tasks": int(state["tasks"])}

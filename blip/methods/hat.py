@@ -332,10 +332,10 @@ class HAT(Method):
                 raise ValueError(f"load_state_dict: cum[{n!r}] has shape {tuple(c.shape)}; the "
                                  f"layer has {layer_units(layer)[0]} output units")
             cum.append(c.detach().clone().to(layer.weight.device, layer.weight.dtype))
-        self.cum = cum
-        self.tasks_done = int(state["tasks_done"])
-        seen = state.get("seen_batches")
-        self.seen_batches = None if seen is None else int(seen)
+        # validated and converted first, assigned last: a rejected state changes nothing
+        tasks_done, seen = int(state["tasks_done"]), state.get("seen_batches")
+        seen_batches = None if seen is None else int(seen)
+        self.cum, self.tasks_done, self.seen_batches = cum, tasks_done, seen_batches
 
     def extra_state_bytes(self) -> int:
         # the embeddings live in the model (its parameters) but are HAT's overhead too

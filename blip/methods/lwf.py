@@ -85,9 +85,9 @@ class LwF(Method):
         return {"old_model": old, "old_tasks": self.old_tasks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.old_tasks = int(state["old_tasks"])
-        if state["old_model"] is None:
-            self.old_model = None
-            return
-        self.old_model = self._freeze_copy()
-        self.old_model.load_state_dict(state["old_model"])
+        old_tasks = int(state["old_tasks"])
+        old_model = None
+        if state["old_model"] is not None:
+            old_model = self._freeze_copy()
+            old_model.load_state_dict(state["old_model"])
+        self.old_tasks, self.old_model = old_tasks, old_model

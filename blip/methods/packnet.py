@@ -212,5 +212,4 @@ class PackNet(Method):
                                  f"{tuple(layer.weight.shape)}; got {o.dtype} "
                                  f"{tuple(o.shape)}")
             owners.append(o.detach().clone().to(layer.weight.device))
-        self.owners = owners
-        self.tasks_done = int(state["tasks_done"])
+        self.owners, self.tasks_done = owners, int(state["tasks_done"])

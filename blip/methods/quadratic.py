@@ -119,9 +119,17 @@ class QuadraticPenaltyMethod(Method, ABC):
         return {k: getattr(self, k) for k in self.STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in self.STATE:
-            setattr(self, k, load_params(state[k], self.model, k))
+        # everything validated first, then assigned: a rejected state changes nothing
+        loaded = {k: load_params(state[k], self.model, k) for k in self.STATE}
+        loaded.update(self._other_state(state))
+        for k, v in loaded.items():
+            setattr(self, k, v)
         self._changed()
+
+    def _other_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Attributes beyond ``STATE``'s tensors that ``state`` restores, converted and
+        checked (assigned only with everything else)."""
+        return {}
 
     def penalty(self) -> Tensor:
         weight, anchor = self.quadratic()

@@ -97,8 +97,8 @@ class SI(QuadraticPenaltyMethod):
                 "start": self.start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.omega_total = load_params(state["omega"], self.model, "omega")
-        self.anchor = load_params(state["anchor"], self.model, "anchor")
-        self.path = load_params(state.get("path", {}), self.model, "path")
-        self.start = load_params(state.get("start", {}), self.model, "start")
+        # everything validated first, then assigned: a rejected state changes nothing
+        loaded = [load_params(state.get(k, {}) if k in ("path", "start") else state[k],
+                              self.model, k) for k in ("omega", "anchor", "path", "start")]
+        self.omega_total, self.anchor, self.path, self.start = loaded
         self._changed()

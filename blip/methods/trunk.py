@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import validate
 from .base import Method, check
 
 Layer = nn.Linear | nn.Conv2d
@@ -48,6 +49,7 @@ def layer_units(layer: Layer) -> tuple[int, int]:
 def sgd_without_decay(params: list[nn.Parameter], lr: float,
                       momentum: float) -> torch.optim.Optimizer:
     # weight decay is added to the gradients before they are masked (see the module doc)
+    validate.number("lr", lr, lo=0.0)  # finite in float32: torch's SGD would take 1e39
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
 
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import validate
 from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, true_fisher
 from ..methods.base import add_unique
 from ..methods.quadratic import quadratic_sum
@@ -115,8 +116,7 @@ class OnlineEWC(RLMethod):
 
     def __init__(self, model: ActorCritic, *, lamb: float, gamma: float = 1.0,
                  **hp: Any) -> None:
-        if not (isinstance(lamb, (int, float)) and lamb >= 0):
-            raise ValueError(f"lamb must be a number >= 0; got {lamb!r}")
+        validate.number("lamb", lamb, lo=0.0)  # finite in float32, not a bool
         if not (isinstance(gamma, (int, float)) and 0 <= gamma <= 1):
             raise ValueError(f"gamma must be in [0, 1]; got {gamma!r}")
         super().__init__(model, lamb=lamb, gamma=gamma, **hp)

@@ -8,7 +8,6 @@ Randomness: action sampling and minibatch shuffles draw from one explicit
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import validate
 from .agent import ActorCritic
 from .envs import VecEnv
 
@@ -41,20 +41,16 @@ class PPOConfig:
     def validate(self) -> None:
         pos = {"lr": self.lr, "clip": self.clip, "max_grad_norm": self.max_grad_norm,
                "adam_eps": self.adam_eps}
-        for k, v in pos.items():
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{k} must be a finite number > 0; got {v!r}")
+        for k, v in pos.items():  # finite in float32, not bools (blip.validate)
+            validate.number(k, v, lo=0.0, lo_open=True)
         for k in ("n_steps", "n_minibatches", "epochs"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{k} must be an int >= 1; got {v!r}")
+            validate.number(k, getattr(self, k), lo=1, integer=True)
         for k in ("gamma", "gae_lambda"):
-            v = getattr(self, k)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{k} must be in [0, 1]; got {v!r}")
+            validate.number(k, getattr(self, k), lo=0.0, hi=1.0)
         for k in ("ent_coef", "vf_coef"):
-            if getattr(self, k) < 0:
-                raise ValueError(f"{k} must be >= 0; got {getattr(self, k)!r}")
+            validate.number(k, getattr(self, k), lo=0.0)
+        if not isinstance(self.anneal_lr, bool):
+            raise ValueError(f"anneal_lr must be True or False; got {self.anneal_lr!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,26 +8,56 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import validate
 from ..runs import checkpoint as ckpt
 from ..runs.metrics import matrix_from_list
+
+RESULT_KEYS = ("suite", "method", "games", "games_done", "complete", "reward_matrix",
+               "reward_matrix_norm", "final_mean_norm")
 
 
 def _load(run: str | Path) -> dict:
     path = Path(run) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json in {run} (not a finished blip rl run)")
-    r = json.loads(path.read_text())
+    try:
+        r = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(r, dict) and "acc_matrix" in r and "reward_matrix" not in r:
+        raise ValueError(f"{path} belongs to a `blip train` run; summarise it with "
+                         f"`blip report {run}`")
+    validate.require_keys(r, RESULT_KEYS, path, "a `blip rl` results file")
     # results.json is rewritten after every game: a run still going (or killed) has one
     if r.get("complete") is not True:
         raise ValueError(
             f"run {run} is not finished ({r.get('games_done', '?')} of "
             f"{len(r.get('games', [])) or '?'} games done, complete={r.get('complete')}); "
             f"finish it first (blip rl ... --out {run} --resume)")
+    try:  # the fields the table reads, with their shapes
+        n = len(r["games"])
+        if not all(isinstance(g, str) for g in r["games"]):
+            raise ValueError("games must be names")
+        for key in ("reward_matrix", "reward_matrix_norm"):
+            if matrix_from_list(r[key]).shape != (n, n):
+                raise ValueError(f"{key} is not {n} x {n}")
+        if not (isinstance(r["games_done"], int) and 1 <= r["games_done"] <= n):
+            raise ValueError(f"games_done {r['games_done']!r} is not in 1..{n}")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is malformed ({e})") from None
     return r
 
 
 def compare_runs(runs: list[str], out: str | Path | None = None, plots: bool = True) -> str:
     results = [_load(r) for r in runs]
+    try:
+        return _compare(runs, results, out, plots)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"results.json of {', '.join(map(str, runs))} malformed "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _compare(runs: list[str], results: list[dict], out: str | Path | None, plots: bool) -> str:
     games = results[0]["games"]
     lines = ["| method | " + " | ".join(games) + " | mean norm. |",
              "|---" * (len(games) + 2) + "|"]

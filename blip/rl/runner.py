@@ -16,7 +16,8 @@ gets its own env seed, action/minibatch generator and Fisher generator derived f
 ``(seed, g)``, and evaluation of game ``j`` always uses the same seeds. A run
 resumed at a game boundary therefore ends with the same reward matrix as an
 uninterrupted one. Mid-game checkpoints hold the optimizer, the generator and (for
-MinAtar) the pickled envs, so MinAtar resumes exactly mid-game too; ale-py's vector
+MinAtar) the envs' state as plain data (:mod:`blip.rl.envstate`, no pickle), so
+MinAtar resumes exactly mid-game too; ale-py's vector
 env cannot be saved, so an Atari run resumed mid-game restarts that game's episodes
 from fresh seeded resets (the weights and optimizer carry on).
 """
@@ -24,7 +25,6 @@ from fresh seeded resets (the weights and optimizer carry on).
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import re
 import time
@@ -35,10 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..nn import DEFAULT_MAX_BIT
+from .. import validate
+from ..nn import DEFAULT_MAX_BIT, load_state_dict_atomic
 from ..runs import checkpoint as ckpt
+from ..runs.backend_info import kernel_backend
 from ..runs.metrics import matrix_from_list, matrix_to_list
 from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
+from ..runs.safeload import trusting
 from ..runs.seeds import derive_seed
 from .agent import ActorCritic, build_agent, count_params
 from .envs import (
@@ -49,12 +52,14 @@ from .envs import (
     check_suite,
     make_env,
 )
+from .envstate import dump_minatar, load_minatar
 from .evaluate import normalise, play
 from .methods import METHODS, RLMethod, make_method
 from .ppo import PPOConfig, collect, make_batch, ppo_update
 
 CHECKPOINT = "checkpoint.pt"
 CKPT_VERSION = 1
+CHECKPOINT_KEYS = ("config", "state", "model", "method")
 #: the published per-game budget on a GPU; CPU runs pass --steps
 DEFAULT_STEPS = {"atari6": 10_000_000, "minatar5": 1_000_000}
 
@@ -79,6 +84,7 @@ class RLConfig:
     gif_frames: int = 60
     checkpoint_every: int = 50  # updates between mid-game checkpoints (0: games only)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    trust_pickles: bool = False  # load old checkpoints holding pickles (blip.runs.safeload)
 
     # What changes the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("suite", "method", "steps", "envs", "games", "seed", "F_prior", "max_bit",
@@ -111,22 +117,16 @@ class RLConfig:
         ints = {"envs": (self.envs, 1), "eval_episodes": (self.eval_episodes, 1),
                 "gif_frames": (self.gif_frames, 0), "checkpoint_every": (self.checkpoint_every, 0),
                 "max_bit": (self.max_bit, 1)}
-        for k, (v, lo) in ints.items():
-            if not isinstance(v, int) or v < lo:
-                raise ValueError(f"{k} must be an int >= {lo}; got {v!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be an int >= 1; got {self.steps!r}")
-        if self.games is not None and not (isinstance(self.games, int)
-                                           and 1 <= self.games <= len(games)):
-            raise ValueError(f"games must be an int in 1..{len(games)}; got {self.games!r}")
-        if self.eval_max_steps is not None and self.eval_max_steps < 1:
-            raise ValueError(f"eval_max_steps must be >= 1; got {self.eval_max_steps!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1; got {self.threads!r}")
-        if not (math.isfinite(self.F_prior) and self.F_prior > 0):
-            raise ValueError(f"F_prior must be a finite number > 0; got {self.F_prior!r}")
-        if not self.lamb >= 0:
-            raise ValueError(f"lamb must be >= 0; got {self.lamb!r}")
+        for k, (v, lo) in ints.items():  # ints, not bools (blip.validate)
+            validate.number(k, v, lo=lo, integer=True)
+        validate.optional_int("steps", self.steps, 1)
+        if self.games is not None:
+            validate.number("games", self.games, lo=1, hi=len(games), integer=True)
+        validate.optional_int("eval_max_steps", self.eval_max_steps, 1)
+        validate.optional_int("threads", self.threads, 1)
+        validate.number("seed", self.seed, integer=True)
+        validate.positive32("F_prior", self.F_prior)
+        validate.number("lamb", self.lamb, lo=0.0)  # finite in float32
         if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -140,6 +140,10 @@ class RLConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ppo, PPOConfig):
+            raise ValueError(f"ppo must be a PPOConfig; got {self.ppo!r}")
 
 
 @dataclass
@@ -203,6 +207,7 @@ class RLRunner(Runner):
             "steps_requested": self.cfg.steps_per_game(),
             "updates_per_game": self.cfg.n_updates(),
             "config": self.cfg.to_dict(), "torch": torch.__version__, "device": str(self.device),
+            "kernel_backend": kernel_backend(self.device),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
@@ -244,10 +249,12 @@ class RLRunner(Runner):
         """The run state (and a mid-game checkpoint's part), fresh or from the checkpoint."""
         n_games = len(self.games)
         path = self.out / CHECKPOINT
+        validate.writable_dir(self.out, "out directory")  # before any game is learned
         if resume and path.is_file():
-            c = ckpt.load(path, map_location=self.device)
+            c = ckpt.load(path, map_location=self.device, required=CHECKPOINT_KEYS,
+                          trust_pickles=self.cfg.trust_pickles)
             self._check_compatible(c["config"])
-            model.load_state_dict(c["model"])
+            load_state_dict_atomic(model, c["model"])
             method.load_state_dict(c["method"])
             mid = c.get("mid")
             where = (f"in game {c['state']['games_done']} at update {mid['update']}" if mid
@@ -272,7 +279,7 @@ class RLRunner(Runner):
         gen.set_state(mid["generator"].to(gen.get_state().device))
         start = mid["update"]
         if mid["env"] is not None:
-            env = pickle.loads(mid["env"])
+            env = self._restore_env(mid["env"])
             obs, done = mid["obs"], mid["done"]
         else:
             self.log("ale-py's vector env cannot be checkpointed: this game's "
@@ -289,7 +296,7 @@ class RLRunner(Runner):
             "model": model.state_dict(), "method": method.state_dict(),
             "mid": {"update": update, "optimizer": game.opt.state_dict(),
                     "generator": game.gen.get_state(), "train_seconds": train_seconds,
-                    "env": pickle.dumps(env) if isinstance(env, MinAtarVecEnv) else None,
+                    "env": dump_minatar(env) if isinstance(env, MinAtarVecEnv) else None,
                     "obs": game.obs, "done": game.done},
         })
 
@@ -386,7 +393,8 @@ class RLRunner(Runner):
                      f"({n_updates} whole rollouts)")
         self.log(f"{cfg.suite} / {cfg.method}: {n_games} games {self.games}, "
                  f"{actual} steps/game ({n_updates} updates of {cfg.envs}x"
-                 f"{cfg.ppo.n_steps}), trunk {count_params(model.trunk)} params, device {dev}")
+                 f"{cfg.ppo.n_steps}), trunk {count_params(model.trunk)} params, device {dev}, "
+                 f"kernels {kernel_backend(dev)}")
         total_updates = st["games_done"] * n_updates + (mid["update"] if mid else 0)
 
         for g in range(st["games_done"], n_games):
@@ -417,6 +425,20 @@ class RLRunner(Runner):
     def _check_compatible(self, saved: dict[str, Any]) -> None:
         ckpt.check_resumable(saved, self.cfg.to_dict(), RLConfig.RESULT_KEYS,
                              self.out / CHECKPOINT)
+
+    def _restore_env(self, saved: Any) -> MinAtarVecEnv:
+        """The mid-game env of a checkpoint: plain data; a pickle (blip < this format)
+        only when trusted, as the whole file then was."""
+        path = self.out / CHECKPOINT
+        if isinstance(saved, bytes):
+            if not trusting(self.cfg.trust_pickles):
+                raise ValueError(f"checkpoint {path} holds a pickled env; pass --trust-pickles "
+                                 "only if you trust it, or resume without it from a fresh run")
+            return pickle.loads(saved)  # noqa: S301 - the user trusts this file
+        try:
+            return load_minatar(saved)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path}: {e}") from None
 
 
 def default_run_dir(cfg: RLConfig) -> Path:

@@ -18,6 +18,7 @@ from blip.rl.envs import ALE_PY_MIN_VERSION, SUITES, MissingDependencyError, mak
 from blip.rl.methods import BLIPMethod, make_method
 from blip.rl.ppo import Batch, PPOConfig, collect, gae, make_batch, ppo_loss, ppo_update
 from blip.rl.runner import CHECKPOINT, RLConfig, RLRunner
+from blip.runs.checkpoint import load as load_checkpoint
 
 ATARI_ACTIONS = {"KungFuMaster": 14, "Boxing": 18, "Jamesbond": 18, "Krull": 18,
                  "Riverraid": 18, "SpaceInvaders": 6}
@@ -309,7 +310,7 @@ def test_atari_two_game_smoke_run_writes_matrix_plots_gifs(tmp_path) -> None:
 
 
 def _final(out) -> tuple[list, dict, dict]:  # noqa: ANN001
-    c = torch.load(out / CHECKPOINT, weights_only=False)
+    c = load_checkpoint(out / CHECKPOINT)
     return c["state"]["raw"], c["model"], c["method"]
 
 
@@ -341,7 +342,7 @@ def test_minatar_resume_gives_the_same_reward_matrix(tmp_path, method: str,
     stopped = RLRunner(_cfg("minatar5", **kw), part, quiet=True,
                        plots=False).run(stop_after_updates=stop_after)
     assert stopped == {"stopped": True}
-    c = torch.load(part / CHECKPOINT, weights_only=False)
+    c = load_checkpoint(part / CHECKPOINT)
     if stop_after == 4:  # killed right after game 1 was learned, evaluated and saved
         assert c["mid"] is None and c["state"]["games_done"] == 1
         res = json.loads((part / "results.json").read_text())
@@ -385,6 +386,7 @@ def test_cli_rl_runs_and_compares(tmp_path, capsys) -> None:
     assert (res["steps_per_game"], res["steps_requested"], res["updates_per_game"]) == (
         256, 300, 2)
     assert res["per_game"][0]["env_steps"] == 256
+    assert res["kernel_backend"] == blip_kernels.current_backend("cpu")  # what the run used
     assert main(["rl", "--compare", str(out), str(out), "--out", str(tmp_path)]) == 0
     assert "ewc" in capsys.readouterr().out
     assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.png").is_file()

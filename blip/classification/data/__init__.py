@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ...runs.safeload import trusted_pickles
 from . import embedded, full
 from .base import DataFormatError, TaskData, TaskStream, split_valid
 from .formats import read_cifar_batch, read_idx
@@ -31,15 +32,19 @@ def default_data_dir() -> Path:
 
 
 def load_benchmark(
-    name: str, data_dir: str | os.PathLike | None = None, download: bool = False, seed: int = 0
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = False, seed: int = 0,
+    trust_pickles: bool = False,
 ) -> TaskStream:
     """Build the task stream `name`; `seed` fixes the train/valid/test split (as the
-    authors, the split follows the run seed) and, where the authors do so, task order."""
+    authors, the split follows the run seed) and, where the authors do so, task order.
+    Pickled data files (CIFAR, mini-ImageNet) are read with a restricted unpickler
+    unless ``trust_pickles`` (see :mod:`blip.runs.safeload`)."""
     if name in EMBEDDED:
         return EMBEDDED[name](seed=seed)
     if name in FULL:
         d = Path(data_dir) if data_dir is not None else default_data_dir()
-        return FULL[name](d, seed=seed, download=download)
+        with trusted_pickles(trust_pickles):
+            return FULL[name](d, seed=seed, download=download)
     raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
 
 

@@ -8,13 +8,14 @@ training.
 from __future__ import annotations
 
 import gzip
+import math
 import os
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ...runs.safeload import UnsafeFileError, load_pickle
 from .base import DataFormatError
 
 IDX_FORMAT = (
@@ -63,7 +64,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 + 4 * ndim:
         raise DataFormatError(f"{path}: truncated IDX header (expected {IDX_FORMAT})")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    n = int(np.prod(shape))
+    n = math.prod(shape)  # Python ints: a forged header cannot overflow the size check
     body = raw[4 + 4 * ndim:]
     if len(body) != n:
         raise DataFormatError(
@@ -72,25 +73,58 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(shape).copy()
 
 
-def read_idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_pair(images: Path, labels: Path,
+                  image_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split; ``image_shape`` (H, W) when the format fixes it."""
     x, y = read_idx(images), read_idx(labels)
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
         raise DataFormatError(
             f"{images} / {labels}: expected N x H x W images and N labels, got shapes "
             f"{x.shape} and {y.shape} ({IDX_FORMAT})")
+    if image_shape is not None and x.shape[1:] != tuple(image_shape):
+        raise DataFormatError(f"{images}: images of {x.shape[1]} x {x.shape[2]} pixels, "
+                              f"expected {image_shape[0]} x {image_shape[1]} ({IDX_FORMAT})")
+    if len(y) == 0:
+        raise DataFormatError(f"{images}: holds no images ({IDX_FORMAT})")
     return x, y
 
 
-def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10/100 python batch -> (N x 3 x 32 x 32 uint8, N labels)."""
-    path = Path(path)
+def _integers(a: np.ndarray, path: Path, what: str, lo: int, hi: int, fmt: str) -> np.ndarray:
+    """``a`` (unchanged) if it holds integers in lo..hi: checked before any cast, as
+    int64 300 would wrap to 44 as uint8 and a label 1.7 truncate to 1."""
+    if a.dtype == np.uint8 and lo <= 0 and hi >= 255:
+        return a  # in range by its type: no pass over the data
+    integral = a.dtype.kind in "iu" or (
+        a.dtype.kind == "f" and bool(np.all(np.isfinite(a))) and np.array_equal(a, np.round(a)))
+    if not integral:
+        raise DataFormatError(f"{path}: {what} of dtype {a.dtype} are not integers "
+                              f"(expected {fmt})")
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise DataFormatError(f"{path}: {what} range {a.min()}..{a.max()}, outside {lo}..{hi} "
+                              f"(expected {fmt})")
+    return a
+
+
+def _unpickle(path: Path, fmt: str, encoding: str, trust_pickles: bool | None) -> object:
     if not path.is_file():
-        raise DataFormatError(f"missing data file {path} (expected {CIFAR_FORMAT})")
+        raise DataFormatError(f"missing data file {path} (expected {fmt})")
     try:
         with path.open("rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            return load_pickle(f, path, encoding=encoding, trust_pickles=trust_pickles)
+    except UnsafeFileError as e:
+        raise DataFormatError(str(e)) from None
     except Exception as e:  # pickle raises many unrelated types on garbage input
-        raise DataFormatError(f"cannot unpickle {path}: {e!r} (expected {CIFAR_FORMAT})") from e
+        raise DataFormatError(f"cannot unpickle {path}: {e!r} (expected {fmt})") from e
+
+
+def read_cifar_batch(path: str | os.PathLike,
+                     trust_pickles: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10/100 python batch -> (N x 3 x 32 x 32 uint8, N labels).
+
+    Unpickled with :class:`blip.runs.safeload.RestrictedUnpickler` unless ``trust_pickles``
+    (None: the :func:`blip.runs.safeload.trusted_pickles` setting)."""
+    path = Path(path)
+    d = _unpickle(path, CIFAR_FORMAT, "bytes", trust_pickles)
     if not isinstance(d, dict):
         raise DataFormatError(f"{path}: unpickled a {type(d).__name__}, not a dict "
                               f"(expected {CIFAR_FORMAT})")
@@ -99,11 +133,16 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in d or key not in d:
         raise DataFormatError(f"{path}: keys {sorted(d)} lack 'data'/'labels' "
                               f"(expected {CIFAR_FORMAT})")
-    x = np.asarray(d["data"], dtype=np.uint8)
-    y = np.asarray(d[key], dtype=np.int64)
-    if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
-        raise DataFormatError(f"{path}: data shape {x.shape} with {len(y)} labels "
+    try:
+        x, y = np.asarray(d["data"]), np.asarray(d[key])
+    except (ValueError, TypeError) as e:  # ragged lists and the like
+        raise DataFormatError(f"{path}: unreadable data/labels: {e} (expected {CIFAR_FORMAT})") \
+            from None
+    if x.ndim != 2 or x.shape[1] != 3072 or y.ndim != 1 or len(x) != len(y) or not len(y):
+        raise DataFormatError(f"{path}: data shape {x.shape} with labels {y.shape} "
                               f"(expected {CIFAR_FORMAT})")
+    x = _integers(x, path, "pixels", 0, 255, CIFAR_FORMAT).astype(np.uint8, copy=False)
+    y = _integers(y, path, "labels", 0, 99, CIFAR_FORMAT).astype(np.int64)
     return x.reshape(-1, 3, 32, 32), y
 
 
@@ -183,14 +222,9 @@ def read_image_folder(
     return np.stack(xs), np.asarray(ys, dtype=np.int64), list(classes)
 
 
-def read_pickle_arrays(path: Path, fmt: str) -> dict:
-    if not path.is_file():
-        raise DataFormatError(f"missing data file {path} (expected {fmt})")
-    try:
-        with path.open("rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except Exception as e:
-        raise DataFormatError(f"cannot unpickle {path}: {e!r} (expected {fmt})") from e
+def read_pickle_arrays(path: Path, fmt: str, trust_pickles: bool | None = None) -> dict:
+    """A pickled dict of arrays (mini-ImageNet), restricted as :func:`read_cifar_batch`."""
+    d = _unpickle(Path(path), fmt, "latin1", trust_pickles)
     if not isinstance(d, dict):
         raise DataFormatError(f"{path}: unpickled a {type(d).__name__} (expected {fmt})")
     return d

@@ -61,7 +61,7 @@ def load_idx_dataset(data_dir: Path, name: str = "MNIST", download: bool = False
         xi, yi = _IDX_NAMES[split]
         x_path = F.find_file(dirs, [xi, xi + ".gz", xi.replace("-idx", ".idx")], F.IDX_FORMAT)
         y_path = F.find_file(dirs, [yi, yi + ".gz", yi.replace("-idx", ".idx")], F.IDX_FORMAT)
-        x, y = F.read_idx_pair(x_path, y_path)
+        x, y = F.read_idx_pair(x_path, y_path, image_shape=(28, 28))
         if y.size and y.max() > 9:
             raise DataFormatError(f"{y_path}: labels up to {int(y.max())}, expected digits/classes "
                                   f"0..9 ({F.IDX_FORMAT})")
