@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import validate
 from ..runs import metrics
+from ..runs.rundir import read_results
 from .trainer import RESULTS, TrainConfig
 
 #: what report and compare read from a `blip train` results.json
@@ -21,16 +21,11 @@ RESULT_KEYS = ("benchmark", "method", "n_tasks", "tasks_done", "complete", "acc_
 def load_results(run_dir: str | Path) -> dict:
     """A `blip train` run's results.json; a ValueError naming the file if it is not one."""
     path = Path(run_dir) / RESULTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a `blip train` run directory?")
-    try:
-        r = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if isinstance(r, dict) and "reward_matrix" in r and "acc_matrix" not in r:
-        raise ValueError(f"{path} belongs to a `blip rl` run; compare RL runs with "
-                         f"`blip rl --compare {run_dir} ...`")
-    return validate.require_keys(r, RESULT_KEYS, path, "a `blip train` results file")
+    return read_results(
+        path, RESULT_KEYS, "a `blip train` results file",
+        missing=f"{path} not found: is {run_dir} a `blip train` run directory?",
+        matrices=("acc_matrix", "reward_matrix"),
+        other=f"a `blip rl` run; compare RL runs with `blip rl --compare {run_dir} ...`")
 
 
 def _malformed(run_dir: str | Path, e: Exception) -> ValueError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .. import validate
 
 #: where runs go when the user names no directory
 RUNS_ROOT = Path("runs")
@@ -78,6 +81,24 @@ def matrix_csv(matrix: np.ndarray, corner: str, columns: Sequence[Any], rows: Se
     return buf.getvalue()
 
 
+def read_results(path: Path, keys: tuple[str, ...], what: str, missing: str,
+                 matrices: tuple[str, str], other: str) -> dict:
+    """A run's results.json holding ``keys``, or one clear error naming the file: missing
+    (FileNotFoundError ``missing``), not JSON, the other trainer's results (it has
+    ``matrices[1]`` and not our ``matrices[0]``; ``other`` says what to run instead), or not
+    ``what`` (a ValueError)."""
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        r = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    ours, theirs = matrices
+    if isinstance(r, dict) and theirs in r and ours not in r:
+        raise ValueError(f"{path} belongs to {other}")
+    return validate.require_keys(r, keys, path, what)
+
+
 def pyplot():  # noqa: ANN201 - matplotlib.pyplot, imported lazily
     """matplotlib.pyplot with the Agg backend: no display needed, and the package imports
     without matplotlib (ImportError here, at plot time)."""
@@ -89,4 +110,5 @@ def pyplot():  # noqa: ANN201 - matplotlib.pyplot, imported lazily
     return plt
 
 
-__all__ = ["RUNS_ROOT", "Progress", "Runner", "matrix_csv", "pyplot", "run_name"]
+__all__ = ["RUNS_ROOT", "Progress", "Runner", "matrix_csv", "pyplot", "read_results",
+           "run_name"]
