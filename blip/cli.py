@@ -15,18 +15,30 @@ TRUST_HELP = ("unpickle data files (CIFAR batches, mini-ImageNet .pkl) and check
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .data import BENCHMARKS
-
     p = argparse.ArgumentParser(prog="blip", description="Continual learning with BLIP.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_report(sub)
+    _add_compare(sub)
+    sub.add_parser("presets", help="print the per-benchmark presets")
+    sub.add_parser("methods", help="list the methods with their hyper-parameters and defaults")
+    _add_rl(sub)
+    return p
+
+
+# Choices come from the registries: a new method, benchmark or suite needs no edit here.
+
+
+def _add_train(sub: Any) -> None:
+    from .classification.data import BENCHMARKS
+    from .methods import METHODS
 
     t = sub.add_parser("train", help="learn a task stream; writes a run directory",
                        description="Learn a sequence of classification tasks. Unset options "
                        "take the benchmark's preset (the published hyperparameters).")
     t.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
     t.add_argument("--method", default="blip",
-                   help="blip (default), finetune, freeze, ewc, online-ewc, si, mas, imm-mode, "
-                   "lwf, agem, hat, packnet")
+                   help=f"blip (default), {', '.join(m for m in METHODS if m != 'blip')}")
     t.add_argument("--model", choices=["mlp", "alexnet", "resnet18"], default=None)
     t.add_argument("--epochs", type=int, help="epoch budget per task")
     t.add_argument("--lr", type=float, help="initial learning rate")
@@ -34,15 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, help="MLP hidden width")
     t.add_argument("--n-hidden-layers", type=int)
     t.add_argument("--width", type=float, help="conv-net width multiplier")
-    t.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float)
-    t.add_argument("--max-bit", type=int)
+    t.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float,
+                   help="BLIP's Fisher prior (same as --hp F_prior=...; default: the preset's)")
+    t.add_argument("--max-bit", type=int, help="BLIP's bits per weight (same as --hp max_bit=...)")
     t.add_argument("--lr-patience", type=int, help="epochs without improvement before lr/factor")
     t.add_argument("--lr-factor", type=float)
     t.add_argument("--lr-min", type=float, help="stop a task once lr falls below this")
     t.add_argument("--momentum", type=float)
     t.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
     t.add_argument("--forward-mode", choices=["continuous", "quantized"],
-                   help="BLIP forward: continuous weights (authors' code) or quantize-STE")
+                   help="BLIP forward: continuous weights (authors' code) or quantize-STE "
+                   "(same as --hp forward_mode=...)")
     t.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE",
                    help="a method hyper-parameter (repeatable), e.g. --hp lamb=100; "
                    "`blip methods` lists each method's names and defaults")
@@ -59,9 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
 
+
+def _add_report(sub: Any) -> None:
     r = sub.add_parser("report", help="summarise run directories (several: a comparison table)")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--json", action="store_true", help="print the results as JSON instead")
+
+
+def _add_compare(sub: Any) -> None:
+    from .classification.data import BENCHMARKS
 
     c = sub.add_parser("compare", help="run (or reuse) several methods over seeds; one table",
                        description="Run every method for every seed on one benchmark (reusing "
@@ -81,23 +101,26 @@ def _parser() -> argparse.ArgumentParser:
                    "method, NAME=VALUE for every listed method that accepts NAME")
     c.add_argument("--no-plots", action="store_true")
 
-    sub.add_parser("presets", help="print the per-benchmark presets")
-    sub.add_parser("methods", help="list the methods with their hyper-parameters and defaults")
+
+def _add_rl(sub: Any) -> None:
+    from .rl.envs import SUITES
+    from .rl.methods import METHODS as RL_METHODS
 
     rl = sub.add_parser("rl", help="continual RL: PPO on a sequence of Atari/MinAtar games",
                         description="Learn a suite's games in sequence with PPO and a "
                         "continual-learning method; writes a run directory with the reward "
                         "matrix, plots and GIFs. With --compare: a table of finished runs.")
-    rl.add_argument("--suite", default="minatar5", choices=["atari6", "minatar5"])
-    rl.add_argument("--method", default="blip", choices=["blip", "ewc", "finetune", "freeze"])
+    rl.add_argument("--suite", default="minatar5", choices=sorted(SUITES))
+    rl.add_argument("--method", default="blip", choices=list(RL_METHODS))
     rl.add_argument("--steps", type=int, help="env steps per game (default: 10M atari6, "
                     "1M minatar5)")
     rl.add_argument("--envs", type=int, default=16, help="parallel envs (default 16)")
     rl.add_argument("--n-steps", type=int, default=125, help="steps per env and rollout")
     rl.add_argument("--games", type=int, help="learn only the first N games")
     rl.add_argument("--lr", type=float, default=2.5e-4)
-    rl.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float, default=5e-18)
-    rl.add_argument("--lamb", type=float, default=5000.0, help="EWC's lambda")
+    rl.add_argument("--F-prior", "--f-prior", dest="F_prior", type=float,
+                    help="BLIP's Fisher prior (default 5e-18, the Atari preset)")
+    rl.add_argument("--lamb", type=float, help="EWC's lambda (default 5000)")
     rl.add_argument("--eval-episodes", type=int, default=8, help="episodes per game and eval")
     rl.add_argument("--eval-max-steps", type=int, help="cap of an eval episode, agent steps")
     rl.add_argument("--gif-frames", type=int, default=60, help="frames per GIF clip (0: none)")
@@ -114,7 +137,6 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                     help="instead of training: compare finished runs (table; with --out, "
                     "also OUT/compare.md and OUT/compare.png)")
-    return p
 
 
 def parse_hp(items: Sequence[str]) -> dict[str, Any]:
@@ -168,15 +190,17 @@ def _methods_text() -> str:
 
 
 def _train(a: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, default_run_dir, train
+    from .classification.trainer import TrainConfig, default_run_dir, train
 
     method_kwargs = parse_hp(a.hp)
-    if a.forward_mode is not None:
-        method_kwargs["forward_mode"] = a.forward_mode
+    # the BLIP flags are sugar for --hp (an explicit --hp of the same name wins)
+    for name in ("F_prior", "max_bit", "forward_mode"):
+        if getattr(a, name) is not None:
+            method_kwargs.setdefault(name, getattr(a, name))
     cfg = TrainConfig.from_preset(
         a.benchmark, a.model, method=a.method, epochs=a.epochs, lr=a.lr,
         batch_size=a.batch_size, hidden=a.hidden, n_hidden_layers=a.n_hidden_layers,
-        width=a.width, F_prior=a.F_prior, max_bit=a.max_bit, lr_patience=a.lr_patience,
+        width=a.width, lr_patience=a.lr_patience,
         lr_factor=a.lr_factor, lr_min=a.lr_min, momentum=a.momentum, n_tasks=a.n_tasks,
         seed=a.seed, device=a.device, threads=a.threads, data_dir=a.data_dir, download=a.download,
         method_kwargs=method_kwargs, trust_pickles=a.trust_pickles,
@@ -187,7 +211,7 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from .compare import compare
+    from .classification.compare import compare
 
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -212,19 +236,20 @@ def _rl(a: argparse.Namespace) -> int:
     if a.compare:
         print(compare_runs(a.compare, a.out, plots=not a.no_plots))
         return 0
+    given = {k: v for k, v in (("F_prior", a.F_prior), ("lamb", a.lamb)) if v is not None}
     cfg = RLConfig(
         suite=a.suite, method=a.method, steps=a.steps, envs=a.envs, games=a.games, seed=a.seed,
-        device=a.device, threads=a.threads, F_prior=a.F_prior, lamb=a.lamb,
-        eval_episodes=a.eval_episodes, eval_max_steps=a.eval_max_steps,
-        gif_frames=a.gif_frames, checkpoint_every=a.checkpoint_every,
-        ppo=PPOConfig(lr=a.lr, n_steps=a.n_steps), trust_pickles=a.trust_pickles,
+        device=a.device, threads=a.threads, eval_episodes=a.eval_episodes,
+        eval_max_steps=a.eval_max_steps, gif_frames=a.gif_frames,
+        checkpoint_every=a.checkpoint_every, ppo=PPOConfig(lr=a.lr, n_steps=a.n_steps),
+        trust_pickles=a.trust_pickles, **given,
     )
     run_rl(cfg, a.out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataFormatError
+    from .classification.data import DataFormatError
 
     a = _parser().parse_args(argv)
     try:
@@ -233,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "compare":
             return _compare(a)
         if a.command == "report":
-            from .report import load_results, report
+            from .classification.report import load_results, report
 
             if a.json:
                 print(json.dumps({d: load_results(d) for d in a.runs}, indent=1))
@@ -243,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "rl":
             return _rl(a)
         if a.command == "presets":
-            from .presets import PRESETS
+            from .classification.presets import PRESETS
 
             for name, p in PRESETS.items():
                 print(f"{name}: {p.to_dict()}")

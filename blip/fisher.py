@@ -1,4 +1,4 @@
-"""True-Fisher estimation at the end of a task (conformance README, section 7).
+"""True-Fisher estimation at the end of a task (docs/semantics.md, section 7).
 
 Convention (the one the published ``F_prior`` values assume):
 
@@ -36,7 +36,13 @@ from torch import Tensor, nn
 
 import blip_kernels
 
+from .modes import module_modes, restore_modes
 from .nn import QuantConv2d, QuantLinear
+
+#: the published Fisher budget (docs/semantics.md, section 7): at most this many batches of
+FISHER_BATCHES = 80
+#: this many samples (the loss is each batch's mean)
+FISHER_BATCH_SIZE = 100
 
 Layer = QuantLinear | QuantConv2d
 AnyLayer = nn.Linear | nn.Conv2d
@@ -60,8 +66,8 @@ def _first_tensor(batch: object) -> Tensor:
 
 def iter_fisher_batches(
     data: object,
-    n_batches: int = 80,
-    batch_size: int = 100,
+    n_batches: int = FISHER_BATCHES,
+    batch_size: int = FISHER_BATCH_SIZE,
     generator: torch.Generator | None = None,
 ) -> Iterator[Tensor]:
     """Input batches of exactly ``batch_size`` (the last may be short), at most ``n_batches``.
@@ -192,7 +198,7 @@ def _accumulate_true_fisher(
 ) -> int:
     """Add ``Σ_n g_n²`` (batch-mean loss, sampled targets) of every layer into ``accs``;
     returns the number of samples (the caller divides by it)."""
-    modes = {m: m.training for m in model.modules()}
+    modes = module_modes(model)
     grad_flags = {id(p): (p, p.requires_grad) for lay in layer_list for p in lay.parameters()}
     weights = [lay.weight for lay in layer_list]
     device = weights[0].device
@@ -227,8 +233,7 @@ def _accumulate_true_fisher(
         recorder.remove()
         for p, flag in grad_flags.values():
             p.requires_grad_(flag)
-        for m, flag in modes.items():
-            m.training = flag
+        restore_modes(modes)
     return n
 
 
@@ -238,8 +243,8 @@ def estimate_fisher_(
     batches: object,
     forward: Forward,
     *,
-    n_batches: int = 80,
-    batch_size: int = 100,
+    n_batches: int = FISHER_BATCHES,
+    batch_size: int = FISHER_BATCH_SIZE,
     generator: torch.Generator | None = None,
 ) -> int:
     """Fill each layer's Fisher accumulator with this task's true-Fisher diagonal.
@@ -287,8 +292,8 @@ def true_fisher(
     batches: object,
     forward: Forward,
     *,
-    n_batches: int = 80,
-    batch_size: int = 100,
+    n_batches: int = FISHER_BATCHES,
+    batch_size: int = FISHER_BATCH_SIZE,
     generator: torch.Generator | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """The true-Fisher diagonal of any ``nn.Linear`` / ``nn.Conv2d`` layers, as tensors.

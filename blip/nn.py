@@ -6,7 +6,7 @@ Every BLIP-constrained parameter ``p`` (a layer's ``weight`` and, when present,
 * ``prev_<p>``       fp32   the parameter as it stood (quantized) after the last task
 * ``bits_<p>``       uint8  frozen most-significant bits per element, ``0..max_bit``
 * ``fisher_old_<p>`` fp32   running average of earlier tasks' Fisher, initialised to
-  ``F_prior * fan_in`` (the per-layer prior of the conformance README, section 2)
+  ``F_prior * fan_in`` (the per-layer prior of docs/semantics.md, section 2)
 
 That is 9 bytes per parameter. The Fisher accumulator ``fisher_<p>`` of the task
 being ended exists only between :meth:`alloc_fisher_` (called by the Fisher

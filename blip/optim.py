@@ -41,6 +41,50 @@ def _check_buffers(name: str, p: Tensor, prev: Tensor, bits: Tensor) -> None:
                          f"uint8 bits buffers; got {prev.dtype}/{bits.dtype}")
 
 
+_UNPLANNED = object()  # a parameter _targets has not seen yet
+
+
+class _Call:
+    """The constrained parameters of one foreach call (one max_bit, one device)."""
+
+    __slots__ = ("bits", "bounds", "bufs", "damps", "grads", "prevs", "unchecked", "ws")
+
+    def __init__(self, dampening: float) -> None:
+        self.ws: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.prevs: list[Tensor] = []
+        self.bits: list[Tensor] = []
+        self.bounds: list[float] = []
+        self.bufs: list[Tensor] = []
+        self.damps: list[float] | float = dampening  # a list once some buffer is new
+        # first step, or changed since the last check: (parameter, (signature, storages))
+        self.unchecked: list[tuple[Tensor, tuple]] = []
+
+    def add(self, p: Tensor, grad: Tensor, prev: Tensor, bits: Tensor, bound: float) -> None:
+        self.ws.append(p)
+        self.grads.append(grad)
+        self.prevs.append(prev)
+        self.bits.append(bits)
+        self.bounds.append(bound)
+
+    def add_momentum_buffer(self, state: dict, p: Tensor, dampening: float) -> None:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            # torch's first step sets buf = g; 0·momentum + (1-0)·g is exactly g.
+            buf = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["momentum_buffer"] = buf
+            if not isinstance(self.damps, list):
+                self.damps = [dampening] * len(self.ws)
+            self.damps.append(0.0)
+        else:
+            if buf.dtype != torch.float32:  # Optimizer.load_state_dict casts to p.dtype
+                buf = buf.float()
+                state["momentum_buffer"] = buf
+            if isinstance(self.damps, list):
+                self.damps.append(dampening)
+        self.bufs.append(buf)
+
+
 class ConstrainedSGD(torch.optim.Optimizer):
     """``torch.optim.SGD`` whose step on BLIP-constrained parameters is fused with the
     section-4 projection (:func:`blip_kernels.constrained_sgd_step_foreach_`, one
@@ -166,112 +210,84 @@ class ConstrainedSGD(torch.optim.Optimizer):
         lr = float(group["lr"])
         momentum, dampening = float(group["momentum"]), float(group["dampening"])
         wd, nesterov = float(group["weight_decay"]), bool(group["nesterov"])
+        plain, plain_grads, calls = self._init_group(group, momentum, dampening)
+        for (max_bit, _), call in calls.items():
+            self._constrained_step(call, max_bit, lr, momentum, nesterov, wd)
+        if plain:
+            self._plain_sgd(plain, plain_grads, lr, momentum, dampening, wd, nesterov)
+
+    def _init_group(self, group: dict, momentum: float, dampening: float
+                    ) -> tuple[list[Tensor], list[Tensor], dict[tuple[int, torch.device], _Call]]:
+        """The group's parameters with a gradient: the plain ones (and their gradients), and
+        the constrained ones by (max_bit, device), each set one foreach call (a native call
+        per parameter costs more Python time than its kernel on small layers)."""
         plain: list[Tensor] = []
-        # The constrained parameters of the group go into one foreach call: a native
-        # call per parameter costs more Python time than its kernel on small layers.
-        ws: list[Tensor] = []
-        grads: list[Tensor] = []
-        prevs: list[Tensor] = []
-        bits: list[Tensor] = []
-        bounds: list[float] = []
-        bufs: list[Tensor] = []
-        damps: list[float] | float = dampening
-        key: tuple[int, torch.device] | None = None  # (max_bit, device) of the lists
-        unchecked: list[tuple[Tensor, tuple]] = []  # first step, or changed since the last check
+        plain_grads: list[Tensor] = []
+        calls: dict[tuple[int, torch.device], _Call] = {}
+        plans, checked = self._plans, self._checked  # locals: this loop runs every step
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError("ConstrainedSGD does not support sparse gradients")
-            target = self._targets(p)
+            target = plans.get(p, _UNPLANNED)
+            if target is _UNPLANNED:
+                target = self._targets(p)
             if target is None:
                 plain.append(p)
+                plain_grads.append(grad)
                 continue
             buffers, prev_key, bits_key, bound, max_bit, qualified = target
-            if key is None:
-                key = (max_bit, p.device)
-            elif key != (max_bit, p.device):
-                # One call takes one max_bit and one device; others get their own call.
-                self._constrained_step(ws, grads, prevs, bits, bounds, key[0], lr, bufs,
-                                       momentum, damps, nesterov, wd, unchecked)
-                ws, grads, prevs, bits, bounds, bufs, unchecked = [], [], [], [], [], [], []
-                damps, key = dampening, (max_bit, p.device)
+            key = (max_bit, p.device)
+            call = calls.get(key)
+            if call is None:
+                call = calls[key] = _Call(dampening)
             if momentum != 0:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    # torch's first step sets buf = g; 0·momentum + (1-0)·g is exactly g.
-                    buf = torch.zeros_like(p, dtype=torch.float32,
-                                           memory_format=torch.contiguous_format)
-                    state["momentum_buffer"] = buf
-                    if not isinstance(damps, list):
-                        damps = [dampening] * len(ws)
-                    damps.append(0.0)
-                else:
-                    if buf.dtype != torch.float32:  # Optimizer.load_state_dict casts to p.dtype
-                        buf = buf.float()
-                        state["momentum_buffer"] = buf
-                    if isinstance(damps, list):
-                        damps.append(dampening)
-                bufs.append(buf)
+                call.add_momentum_buffer(self.state[p], p, dampening)
             # The first step of a parameter (in this optimizer object) checks everything,
             # bits <= max_bit included; later ones only compare a signature of what the
             # kernels rely on and a user can change between steps (p.data = ..., layer.to(),
             # a buffer swapped or sliced): addresses and sizes (a new dtype or device means
             # new storage, hence a new address). Inline: ~0.8 µs a parameter. So a changed
-            # parameter or buffer is re-validated (bits <= max_bit too) and a misfit is a
-            # clear error, not an out-of-bounds write. Bits only change in place through
-            # update_bits_, which caps them, and load_state_dict, which checks them.
+            # parameter or buffer is re-validated (bits <= max_bit too, in _constrained_step)
+            # and a misfit is a clear error, not an out-of-bounds write. Bits only change in
+            # place through update_bits_, which caps them, and load_state_dict, which checks
+            # them.
             prev_t, bits_t = buffers[prev_key], buffers[bits_key]
             sig = (p.data_ptr(), prev_t.data_ptr(), bits_t.data_ptr(), p.shape, prev_t.shape,
                    bits_t.shape)
-            checked = self._checked.get(p)
-            if checked is None or checked[0] != sig:
+            last = checked.get(p)
+            if last is None or last[0] != sig:
                 _check_buffers(qualified, p, prev_t, bits_t)
-                unchecked.append((p, (sig, (p.untyped_storage(), prev_t.untyped_storage(),
-                                            bits_t.untyped_storage()))))
-            ws.append(p)
-            grads.append(grad)
-            prevs.append(prev_t)
-            bits.append(bits_t)
-            bounds.append(bound)
-        if key is not None:
-            self._constrained_step(ws, grads, prevs, bits, bounds, key[0], lr, bufs, momentum,
-                                   damps, nesterov, wd, unchecked)
-        if plain:
-            self._plain_sgd(plain, lr, momentum, dampening, wd, nesterov)
+                call.unchecked.append((p, (sig, (p.untyped_storage(), prev_t.untyped_storage(),
+                                                 bits_t.untyped_storage()))))
+            call.add(p, grad, prev_t, bits_t, bound)
+        return plain, plain_grads, calls
 
-    def _constrained_step(self, ws: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
-                          bits: list[Tensor], bounds: list[float], max_bit: int, lr: float,
-                          bufs: list[Tensor], momentum: float, damps: list[float] | float,
-                          nesterov: bool, wd: float, unchecked: list[tuple[Tensor, tuple]]
-                          ) -> None:
-        if not unchecked:
-            count = blip_kernels.constrained_sgd_step_foreach_(
-                ws, grads, prevs, bits, bounds, max_bit, lr, bufs if momentum != 0 else None,
-                momentum, damps, nesterov, wd, validate=False,
-            )
+    def _constrained_step(self, call: _Call, max_bit: int, lr: float, momentum: float,
+                          nesterov: bool, wd: float) -> None:
+        args = (call.ws, call.grads, call.prevs, call.bits, call.bounds, max_bit, lr,
+                call.bufs if momentum != 0 else None, momentum, call.damps, nesterov, wd)
+        if not call.unchecked:
+            count = blip_kernels.constrained_sgd_step_foreach_(*args, validate=False)
         else:
             with blip_kernels.value_checks(True):
-                count = blip_kernels.constrained_sgd_step_foreach_(
-                    ws, grads, prevs, bits, bounds, max_bit, lr,
-                    bufs if momentum != 0 else None, momentum, damps, nesterov, wd,
-                )
-            self._checked.update(unchecked)  # parameter -> (signature, storages)
+                count = blip_kernels.constrained_sgd_step_foreach_(*args)
+            self._checked.update(call.unchecked)  # parameter -> (signature, storages)
         self._add_skipped(count)
 
-    def _plain_sgd(self, params: list[Tensor], lr: float, momentum: float, dampening: float,
-                   wd: float, nesterov: bool) -> None:
+    def _plain_sgd(self, params: list[Tensor], grads: list[Tensor], lr: float, momentum: float,
+                   dampening: float, wd: float, nesterov: bool) -> None:
         """torch's own SGD math (multi-tensor) for the unconstrained parameters."""
         if momentum == 0 and wd == 0:
             # What torch's sgd() reduces to here (p -= lr·g, the same kernel whether
             # foreach or not), without its ~20 µs of grouping and dispatch per step.
-            torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
+            torch._foreach_add_(params, grads, alpha=-lr)
             return
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         sgd(
-            params, [p.grad for p in params], bufs, weight_decay=wd, momentum=momentum, lr=lr,
+            params, grads, bufs, weight_decay=wd, momentum=momentum, lr=lr,
             dampening=dampening, nesterov=nesterov, maximize=False,
             foreach=params[0].device.type != "cpu" or len(params) > 1,
         )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fisher import estimate_fisher_
+from .fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, estimate_fisher_
 from .nn import DEFAULT_F_PRIOR, DEFAULT_MAX_BIT, convert, load_state_dict_atomic, quantized_layers
 from .optim import ConstrainedSGD, project_model_
 
@@ -38,6 +38,16 @@ def _accepts_task(fn: Callable) -> bool:
         return False
     varargs = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values())
     return len(params) >= 2 or varargs
+
+
+def used_capacity(bits_and_counts: dict[str, tuple[int, int]], max_bit: int) -> dict[str, float]:
+    """Capacity per layer and ``"overall"`` from ``{layer: (sum of bits, n params)}``:
+    sum of bits / (max_bit * number of quantized parameters) (docs/semantics.md, section 8)."""
+    out = {k: s / (max_bit * n) if n else 0.0 for k, (s, n) in bits_and_counts.items()}
+    tot_s = sum(s for s, _ in bits_and_counts.values())
+    tot_n = sum(n for _, n in bits_and_counts.values())
+    out["overall"] = tot_s / (max_bit * tot_n) if tot_n else 0.0
+    return out
 
 
 class BLIP:
@@ -57,8 +67,8 @@ class BLIP:
         F_prior: float = DEFAULT_F_PRIOR,
         exclude: Iterable[str] | str = ("heads",),
         forward_mode: str = "continuous",
-        n_batches: int = 80,
-        batch_size: int = 100,
+        n_batches: int = FISHER_BATCHES,
+        batch_size: int = FISHER_BATCH_SIZE,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -157,14 +167,9 @@ class BLIP:
     def capacity(self) -> dict[str, Any]:
         """Used capacity (section 8): ``{"overall": f, "layers": {name: f}}``,
         f = sum of bits / (max_bit * number of quantized parameters)."""
-        layers: dict[str, float] = {}
-        total_bits = total_n = 0
-        for name, layer in self.layers.items():
-            bits, n = layer.capacity()
-            layers[name] = bits / (layer.max_bit * n)
-            total_bits += bits
-            total_n += n
-        return {"overall": total_bits / (self.max_bit * total_n), "layers": layers}
+        layers = used_capacity({name: layer.capacity() for name, layer in self.layers.items()},
+                               self.max_bit)
+        return {"overall": layers.pop("overall"), "layers": layers}
 
     def config(self) -> dict[str, Any]:
         return {"max_bit": self.max_bit, "F_prior": self.F_prior, "exclude": list(self.exclude),
@@ -198,4 +203,4 @@ class BLIP:
         self.tasks_seen = tasks_seen
 
 
-__all__ = ["BLIP"]
+__all__ = ["BLIP", "used_capacity"]

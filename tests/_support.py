@@ -27,7 +27,7 @@ class Crash(Exception):
 def run_killed_then_resumed(cfg, stream, tmp_path) -> tuple[dict, dict]:  # noqa: ANN001
     """Run ``cfg`` whole, then again but dying before its last task and resumed from the
     checkpoint. Returns (the whole run's results, the resumed run's results)."""
-    from blip.trainer import Trainer
+    from blip.classification.trainer import Trainer
 
     class Crashing(Trainer):
         def train_task(self, net, method, task, t):  # noqa: ANN001, ANN202

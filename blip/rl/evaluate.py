@@ -13,12 +13,6 @@ from .envs import make_env
 from .ppo import act
 
 
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from integers, stable across processes (envs want < 2**31)."""
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)
-    return int(state[0]) & 0x7FFFFFFF
-
-
 @torch.no_grad()
 def play(model: ActorCritic, suite: str, games: tuple[str, ...], game: int, *, episodes: int,
          seed: int, device: torch.device, max_steps: int, gif_frames: int = 0
@@ -66,4 +60,4 @@ def normalise(raw: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["derive_seed", "normalise", "play"]
+__all__ = ["normalise", "play"]

@@ -1,4 +1,4 @@
-"""PNG plots of a continual-RL run (matplotlib, Agg backend via :mod:`blip.plots`)."""
+"""PNG plots of a continual-RL run (matplotlib with the Agg backend, imported lazily)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plots import _plt
+from ..runs.rundir import pyplot
 
 
 def learning_curves(curves: list[list[tuple[int, float]]], games: list[str],
                     path: str | Path, window: int = 20) -> None:
     """One panel per game: raw episode return vs env steps in that game (running mean)."""
-    plt = _plt()
+    plt = pyplot()
     n = len(games)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
     for ax, game, curve in zip(axes[0], games, curves, strict=True):
@@ -34,7 +34,7 @@ def learning_curves(curves: list[list[tuple[int, float]]], games: list[str],
 def reward_heatmap(norm: np.ndarray, raw: np.ndarray, games: list[str], path: str | Path,
                    title: str = "") -> None:
     """Colour: normalised score; text: raw score. Rows: after game i; columns: game j."""
-    plt = _plt()
+    plt = pyplot()
     n = len(games)
     fig, ax = plt.subplots(figsize=(1.6 + 0.9 * n, 1.2 + 0.7 * n))
     im = ax.imshow(np.ma.masked_invalid(norm), vmin=0, vmax=1.2, cmap="viridis")
@@ -54,7 +54,7 @@ def reward_heatmap(norm: np.ndarray, raw: np.ndarray, games: list[str], path: st
 
 def compare_final(rows: dict[str, np.ndarray], games: list[str], path: str | Path) -> None:
     """Grouped bars: each method's normalised score per game after the last game."""
-    plt = _plt()
+    plt = pyplot()
     n = len(games)
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(1.5 + 1.1 * n, 3.2))

@@ -3,14 +3,13 @@ last game, raw and normalised (markdown table and a bar plot)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .. import checkpoint as ckpt
-from .. import validate
-from ..metrics import matrix_from_list
+from ..runs import checkpoint as ckpt
+from ..runs.metrics import matrix_from_list
+from ..runs.rundir import read_results
 
 RESULT_KEYS = ("suite", "method", "games", "games_done", "complete", "reward_matrix",
                "reward_matrix_norm", "final_mean_norm")
@@ -18,16 +17,10 @@ RESULT_KEYS = ("suite", "method", "games", "games_done", "complete", "reward_mat
 
 def _load(run: str | Path) -> dict:
     path = Path(run) / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no results.json in {run} (not a finished blip rl run)")
-    try:
-        r = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if isinstance(r, dict) and "acc_matrix" in r and "reward_matrix" not in r:
-        raise ValueError(f"{path} belongs to a `blip train` run; summarise it with "
-                         f"`blip report {run}`")
-    validate.require_keys(r, RESULT_KEYS, path, "a `blip rl` results file")
+    r = read_results(path, RESULT_KEYS, "a `blip rl` results file",
+                     missing=f"no results.json in {run} (not a finished blip rl run)",
+                     matrices=("reward_matrix", "acc_matrix"),
+                     other=f"a `blip train` run; summarise it with `blip report {run}`")
     # results.json is rewritten after every game: a run still going (or killed) has one
     if r.get("complete") is not True:
         raise ValueError(

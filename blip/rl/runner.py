@@ -24,12 +24,9 @@ from fresh seeded resets (the weights and optimizer carry on).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import pickle
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,17 +35,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
 from .. import validate
-from ..backend_info import kernel_backend
-from ..metrics import matrix_from_list, matrix_to_list
 from ..nn import DEFAULT_MAX_BIT, load_state_dict_atomic
-from ..safeload import trusting
-from .agent import build_agent, count_params
-from .envs import DEFAULT_MAX_EPISODE_STEPS, MinAtarVecEnv, action_counts, check_suite, make_env
+from ..runs import checkpoint as ckpt
+from ..runs.backend_info import kernel_backend
+from ..runs.metrics import matrix_from_list, matrix_to_list
+from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
+from ..runs.safeload import trusting
+from ..runs.seeds import derive_seed
+from .agent import ActorCritic, build_agent, count_params
+from .envs import (
+    DEFAULT_MAX_EPISODE_STEPS,
+    MinAtarVecEnv,
+    VecEnv,
+    action_counts,
+    check_suite,
+    make_env,
+)
 from .envstate import dump_minatar, load_minatar
-from .evaluate import derive_seed, normalise, play
-from .methods import METHODS, make_method
+from .evaluate import normalise, play
+from .methods import METHODS, RLMethod, make_method
 from .ppo import PPOConfig, collect, make_batch, ppo_update
 
 CHECKPOINT = "checkpoint.pt"
@@ -78,7 +84,7 @@ class RLConfig:
     gif_frames: int = 60
     checkpoint_every: int = 50  # updates between mid-game checkpoints (0: games only)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    trust_pickles: bool = False  # load old checkpoints holding pickles (blip.safeload)
+    trust_pickles: bool = False  # load old checkpoints holding pickles (blip.runs.safeload)
 
     # What changes the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("suite", "method", "steps", "envs", "games", "seed", "F_prior", "max_bit",
@@ -135,73 +141,43 @@ class RLConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RLConfig:
-        d = dict(d)
-        d["ppo"] = PPOConfig(**d.get("ppo", {}))
-        return cls(**d)
-
     def __post_init__(self) -> None:
         if not isinstance(self.ppo, PPOConfig):
             raise ValueError(f"ppo must be a PPOConfig; got {self.ppo!r}")
 
 
-class _Progress:
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
+@dataclass
+class _Game:
+    """One game's training state between updates (what a mid-game checkpoint holds)."""
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
-                            dynamic_ncols=True, unit="upd")
-
-    def update(self, **postfix: Any) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    env: VecEnv
+    obs: Any
+    done: np.ndarray
+    start: int = 0  # the first update to run
+    train_seconds: float = 0.0
 
 
-def _matrix_csv(m: np.ndarray, games: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["after_game"] + games)
-    for i, row in enumerate(m):
-        w.writerow([games[i]] + ["" if np.isnan(v) else f"{v:.6g}" for v in row])
-    return buf.getvalue()
+class RLRunner(Runner):
+    cfg: RLConfig
 
-
-class RLRunner:
     def __init__(self, cfg: RLConfig, out: str | Path, *, quiet: bool = False,
                  plots: bool = True, progress: bool | None = None) -> None:
-        cfg.validate()
-        self.cfg = cfg
-        self.out = Path(out)
-        self.quiet = quiet
-        self.plots = plots
-        self.progress = (not quiet and sys.stderr.isatty()) if progress is None else progress
-        self.device = torch.device(cfg.device)
+        super().__init__(cfg, out, quiet, plots, progress)
         self.games = list(cfg.game_names())
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-
-    def log(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, flush=True)
 
     # -- pieces -------------------------------------------------------------------------
 
-    def _env(self, game: int, *extra: int):  # noqa: ANN202
+    def _env(self, game: int, *extra: int) -> VecEnv:
         cfg = self.cfg
         return make_env(cfg.suite, self.games[game], cfg.envs,
-                        derive_seed(cfg.seed, game, 1, *extra), training=True,
+                        derive_seed(cfg.seed, game, 1, *extra, bits=31), training=True,
                         num_threads=cfg.threads or 0)
 
     def _generator(self, *parts: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(derive_seed(*parts))
+        return torch.Generator(device=self.device).manual_seed(derive_seed(*parts, bits=31))
 
     def _eval_max_steps(self) -> int:
         return self.cfg.eval_max_steps or DEFAULT_MAX_EPISODE_STEPS[self.cfg.suite]
@@ -238,7 +214,8 @@ class RLRunner:
         ckpt.write_text_atomic(self.out / "results.json", json.dumps(results, indent=1))
         for name, m in (("reward_matrix", raw), ("reward_matrix_norm", norm)):
             ckpt.write_text_atomic(self.out / f"{name}.json", json.dumps(matrix_to_list(m)))
-            ckpt.write_text_atomic(self.out / f"{name}.csv", _matrix_csv(m, self.games))
+            ckpt.write_text_atomic(self.out / f"{name}.csv",
+                                   matrix_csv(m, "after_game", self.games, self.games, ".6g"))
         if self.plots:
             from . import plots
 
@@ -267,6 +244,137 @@ class RLRunner:
 
     # -- the run ------------------------------------------------------------------------
 
+    def _start(self, model: ActorCritic, method: RLMethod, resume: bool
+               ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The run state (and a mid-game checkpoint's part), fresh or from the checkpoint."""
+        n_games = len(self.games)
+        path = self.out / CHECKPOINT
+        validate.writable_dir(self.out, "out directory")  # before any game is learned
+        if resume and path.is_file():
+            c = ckpt.load(path, map_location=self.device, required=CHECKPOINT_KEYS,
+                          trust_pickles=self.cfg.trust_pickles)
+            self._check_compatible(c["config"])
+            load_state_dict_atomic(model, c["model"])
+            method.load_state_dict(c["method"])
+            mid = c.get("mid")
+            where = (f"in game {c['state']['games_done']} at update {mid['update']}" if mid
+                     else f"after {c['state']['games_done']} game(s)")
+            self.log(f"resuming {self.out} {where}")
+            return c["state"], mid
+        if resume:
+            self.log(f"no checkpoint in {self.out}; starting from scratch")
+        return {"games_done": 0, "raw": matrix_to_list(np.full((n_games,) * 2, np.nan)),
+                "curves": [[] for _ in range(n_games)], "records": []}, None
+
+    def _open_game(self, g: int, method: RLMethod, mid: dict[str, Any] | None) -> _Game:
+        """Game ``g``'s optimizer, generator and envs: fresh, or where ``mid`` left them."""
+        cfg = self.cfg
+        params = method.trainable(g)
+        opt = torch.optim.Adam(params, lr=cfg.ppo.lr, eps=cfg.ppo.adam_eps)
+        gen = self._generator(cfg.seed, g, 2)
+        if mid is None:
+            env = self._env(g)
+            return _Game(params, opt, gen, env, env.reset(), np.zeros(cfg.envs, dtype=bool))
+        opt.load_state_dict(mid["optimizer"])
+        gen.set_state(mid["generator"].to(gen.get_state().device))
+        start = mid["update"]
+        if mid["env"] is not None:
+            env = self._restore_env(mid["env"])
+            obs, done = mid["obs"], mid["done"]
+        else:
+            self.log("ale-py's vector env cannot be checkpointed: this game's "
+                     "episodes restart from seeded resets")
+            env = self._env(g, start)
+            obs, done = env.reset(), np.zeros(cfg.envs, dtype=bool)
+        return _Game(params, opt, gen, env, obs, done, start, mid["train_seconds"])
+
+    def _mid_checkpoint(self, st: dict[str, Any], model: ActorCritic, method: RLMethod,
+                        game: _Game, update: int, train_seconds: float) -> None:
+        env = game.env
+        self._save({
+            "version": CKPT_VERSION, "config": self.cfg.to_dict(), "state": st,
+            "model": model.state_dict(), "method": method.state_dict(),
+            "mid": {"update": update, "optimizer": game.opt.state_dict(),
+                    "generator": game.gen.get_state(), "train_seconds": train_seconds,
+                    "env": dump_minatar(env) if isinstance(env, MinAtarVecEnv) else None,
+                    "obs": game.obs, "done": game.done},
+        })
+
+    def _train_game(self, g: int, model: ActorCritic, method: RLMethod, game: _Game,
+                    st: dict[str, Any], total_updates: int, stop_after_updates: int | None
+                    ) -> tuple[Any, int]:
+        """PPO updates of game ``g`` from ``game.start``; returns the last batch (None when
+        stopped after a mid-game checkpoint, see :meth:`run`) and the run's update count."""
+        cfg, n_updates = self.cfg, self.cfg.n_updates()
+        curve = st["curves"][g]
+        bar = Progress(n_updates, f"{self.games[g]} ({g + 1}/{len(self.games)})",
+                       self.progress, initial=game.start, unit="upd")
+        batch = None
+        t_train = time.perf_counter()
+        try:
+            for u in range(game.start, n_updates):
+                if cfg.ppo.anneal_lr:
+                    for group in game.opt.param_groups:
+                        group["lr"] = cfg.ppo.lr * (1.0 - u / n_updates)
+                ro, game.obs, game.done = collect(model, game.env, g, game.obs, game.done,
+                                                  cfg.ppo.n_steps, game.gen, self.device)
+                batch = make_batch(model, ro, g, cfg.ppo)
+                stats = ppo_update(model, g, batch, game.opt, cfg.ppo, game.gen,
+                                   params=game.params, extra_loss=method.penalty,
+                                   after_step=method.after_step)
+                step_base = (u + 1) * cfg.envs * cfg.ppo.n_steps
+                curve.extend([step_base, r] for r, _ in game.env.drain())
+                recent = [r for _, r in curve[-10:]]
+                bar.update(ret=f"{np.mean(recent):.1f}" if recent else "-",
+                           loss=f"{stats['loss']:.3f}")
+                total_updates += 1
+                every = cfg.checkpoint_every
+                if every and (u + 1) % every == 0 and u + 1 < n_updates:
+                    self._mid_checkpoint(st, model, method, game, u + 1, game.train_seconds
+                                         + time.perf_counter() - t_train)
+                    if stop_after_updates is not None and total_updates >= stop_after_updates:
+                        return None, total_updates
+        finally:
+            bar.close()
+            game.env.close()
+        game.train_seconds += time.perf_counter() - t_train
+        return batch, total_updates
+
+    def _end_game(self, g: int, model: ActorCritic, method: RLMethod, batch: Any,
+                  st: dict[str, Any], train_seconds: float) -> np.ndarray:
+        """The method's end of game, then every game so far played into ``st``'s matrix."""
+        cfg, dev = self.cfg, self.device
+        t1 = time.perf_counter()
+        end = method.end_game(g, batch.obs, self._generator(cfg.seed, g, 3))
+        t2 = time.perf_counter()
+        raw = matrix_from_list(st["raw"])
+        for j in range(g + 1):
+            returns, frames = play(
+                model, cfg.suite, tuple(self.games), j, episodes=cfg.eval_episodes,
+                seed=derive_seed(cfg.seed, j, 4, bits=31), device=dev,
+                max_steps=self._eval_max_steps(), gif_frames=cfg.gif_frames)
+            raw[g, j] = float(np.mean(returns))
+            if cfg.gif_frames:
+                from .gifs import write_gif
+
+                write_gif(frames, self.out / "gifs" / f"after{g}_game{j}.gif")
+        t3 = time.perf_counter()
+        curve = st["curves"][g]
+        st["raw"] = matrix_to_list(raw)
+        st["games_done"] = g + 1
+        st["records"].append({
+            "game": g, "name": self.games[g], "updates": cfg.n_updates(),
+            "env_steps": cfg.actual_steps_per_game(),
+            "episodes": len(curve), "train_seconds": train_seconds,
+            "end_game_seconds": t2 - t1, "eval_seconds": t3 - t2,
+            "seconds": train_seconds + (time.perf_counter() - t1),
+            "steps_per_second": cfg.actual_steps_per_game() / train_seconds,
+            "last_train_return": float(np.mean([r for _, r in curve[-10:]])) if curve
+            else None,
+            "method": ckpt.jsonable(end),
+        })
+        return raw
+
     def run(self, resume: bool = False, stop_after_updates: int | None = None) -> dict[str, Any]:
         """Learn every game; ``stop_after_updates`` (tests) returns right after the
         checkpoint written at that many updates into the run, as a kill would."""
@@ -277,25 +385,7 @@ class RLRunner:
                             max_bit=cfg.max_bit).to(dev)
         method = make_method(cfg.method, model, F_prior=cfg.F_prior, max_bit=cfg.max_bit,
                              lamb=cfg.lamb)
-        st: dict[str, Any] = {"games_done": 0, "raw": matrix_to_list(np.full((n_games,) * 2,
-                                                                             np.nan)),
-                              "curves": [[] for _ in range(n_games)], "records": []}
-        mid: dict[str, Any] | None = None
-        path = self.out / CHECKPOINT
-        validate.writable_dir(self.out, "out directory")  # before any game is learned
-        if resume and path.is_file():
-            c = ckpt.load(path, map_location=dev, required=CHECKPOINT_KEYS,
-                          trust_pickles=cfg.trust_pickles)
-            self._check_compatible(c["config"])
-            load_state_dict_atomic(model, c["model"])
-            method.load_state_dict(c["method"])
-            st = c["state"]
-            mid = c.get("mid")
-            where = (f"in game {st['games_done']} at update {mid['update']}" if mid
-                     else f"after {st['games_done']} game(s)")
-            self.log(f"resuming {self.out} {where}")
-        elif resume:
-            self.log(f"no checkpoint in {self.out}; starting from scratch")
+        st, mid = self._start(model, method, resume)
         actual = cfg.actual_steps_per_game()
         if actual != cfg.steps_per_game():
             self.log(f"steps {cfg.steps_per_game()} is not a multiple of envs * n_steps = "
@@ -309,99 +399,20 @@ class RLRunner:
 
         for g in range(st["games_done"], n_games):
             t0 = time.perf_counter()
-            params = method.trainable(g)
-            opt = torch.optim.Adam(params, lr=cfg.ppo.lr, eps=cfg.ppo.adam_eps)
-            gen = self._generator(cfg.seed, g, 2)
-            if mid is not None:
-                opt.load_state_dict(mid["optimizer"])
-                gen.set_state(mid["generator"].to(gen.get_state().device))
-                start, train_seconds = mid["update"], mid["train_seconds"]
-                if mid["env"] is not None:
-                    env = self._restore_env(mid["env"])
-                    obs, done = mid["obs"], mid["done"]
-                else:
-                    self.log("ale-py's vector env cannot be checkpointed: this game's "
-                             "episodes restart from seeded resets")
-                    env = self._env(g, start)
-                    obs, done = env.reset(), np.zeros(cfg.envs, dtype=bool)
-                mid = None
-            else:
-                start, train_seconds = 0, 0.0
-                env = self._env(g)
-                obs, done = env.reset(), np.zeros(cfg.envs, dtype=bool)
-            curve = st["curves"][g]
-            bar = _Progress(n_updates, start, f"{self.games[g]} ({g + 1}/{n_games})",
-                            self.progress)
-            batch = None
-            t_train = time.perf_counter()
-            for u in range(start, n_updates):
-                if cfg.ppo.anneal_lr:
-                    for group in opt.param_groups:
-                        group["lr"] = cfg.ppo.lr * (1.0 - u / n_updates)
-                ro, obs, done = collect(model, env, g, obs, done, cfg.ppo.n_steps, gen, dev)
-                batch = make_batch(model, ro, g, cfg.ppo)
-                stats = ppo_update(model, g, batch, opt, cfg.ppo, gen, params=params,
-                                   extra_loss=method.penalty, after_step=method.after_step)
-                step_base = (u + 1) * cfg.envs * cfg.ppo.n_steps
-                curve.extend([step_base, r] for r, _ in env.drain())
-                recent = [r for _, r in curve[-10:]]
-                bar.update(ret=f"{np.mean(recent):.1f}" if recent else "-",
-                           loss=f"{stats['loss']:.3f}")
-                total_updates += 1
-                every = cfg.checkpoint_every
-                if every and (u + 1) % every == 0 and u + 1 < n_updates:
-                    self._save({
-                        "version": CKPT_VERSION, "config": cfg.to_dict(), "state": st,
-                        "model": model.state_dict(), "method": method.state_dict(),
-                        "mid": {"update": u + 1, "optimizer": opt.state_dict(),
-                                "generator": gen.get_state(),
-                                "train_seconds": train_seconds + time.perf_counter() - t_train,
-                                "env": dump_minatar(env) if isinstance(env, MinAtarVecEnv)
-                                else None, "obs": obs, "done": done},
-                    })
-                    if stop_after_updates is not None and total_updates >= stop_after_updates:
-                        bar.close()
-                        env.close()
-                        return {"stopped": True}
-            bar.close()
-            env.close()
-            train_seconds += time.perf_counter() - t_train
-            assert batch is not None  # n_updates >= 1; a checkpoint never ends a game
-            t1 = time.perf_counter()
-            end = method.end_game(g, batch.obs, self._generator(cfg.seed, g, 3))
-            t2 = time.perf_counter()
-            raw = matrix_from_list(st["raw"])
-            for j in range(g + 1):
-                returns, frames = play(
-                    model, cfg.suite, tuple(self.games), j, episodes=cfg.eval_episodes,
-                    seed=derive_seed(cfg.seed, j, 4), device=dev,
-                    max_steps=self._eval_max_steps(), gif_frames=cfg.gif_frames)
-                raw[g, j] = float(np.mean(returns))
-                if cfg.gif_frames:
-                    from .gifs import write_gif
-
-                    write_gif(frames, self.out / "gifs" / f"after{g}_game{j}.gif")
-            t3 = time.perf_counter()
-            st["raw"] = matrix_to_list(raw)
-            st["games_done"] = g + 1
-            st["records"].append({
-                "game": g, "name": self.games[g], "updates": n_updates,
-                "env_steps": cfg.actual_steps_per_game(),
-                "episodes": len(curve), "train_seconds": train_seconds,
-                "end_game_seconds": t2 - t1, "eval_seconds": t3 - t2,
-                "seconds": train_seconds + (time.perf_counter() - t1),
-                "steps_per_second": cfg.actual_steps_per_game() / train_seconds,
-                "last_train_return": float(np.mean([r for _, r in curve[-10:]])) if curve
-                else None,
-                "method": ckpt.jsonable(end),
-            })
+            game = self._open_game(g, method, mid)
+            mid = None
+            batch, total_updates = self._train_game(g, model, method, game, st, total_updates,
+                                                    stop_after_updates)
+            if batch is None:  # stopped after a mid-game checkpoint (n_updates >= 1)
+                return {"stopped": True}
+            raw = self._end_game(g, model, method, batch, st, game.train_seconds)
             self._save({"version": CKPT_VERSION, "config": cfg.to_dict(), "state": st,
                         "model": model.state_dict(), "method": method.state_dict(), "mid": None})
-            results = self._write_outputs(st, done=g == n_games - 1)
+            self._write_outputs(st, done=g == n_games - 1)
             if cfg.gif_frames:
                 self._write_grid()
             row = " ".join(f"{v:.3g}" for v in raw[g, : g + 1])
-            self.log(f"game {g} ({self.games[g]}): {t3 - t0 + 0:.1f}s, "
+            self.log(f"game {g} ({self.games[g]}): {time.perf_counter() - t0:.1f}s, "
                      f"{st['records'][-1]['steps_per_second']:.0f} steps/s | reward {row}")
             if stop_after_updates is not None and total_updates >= stop_after_updates:
                 return {"stopped": True}
@@ -431,7 +442,7 @@ class RLRunner:
 
 
 def default_run_dir(cfg: RLConfig) -> Path:
-    return Path("runs") / f"rl-{cfg.suite}-{cfg.method}-seed{cfg.seed}"
+    return RUNS_ROOT / run_name("rl", cfg.suite, cfg.method, seed=cfg.seed)
 
 
 def run_rl(cfg: RLConfig, out: str | Path | None = None, *, resume: bool = False,

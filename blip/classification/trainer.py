@@ -1,0 +1,480 @@
+"""The classification trainer: learn a task stream with a method, write a run directory.
+
+Schedule (the authors' default): plain SGD; after `lr_patience` epochs without a
+new best validation loss the lr is divided by `lr_factor`; training of a task stops
+when the lr falls below `lr_min` or the epoch budget ends; the best-validation model
+is restored at the end of each task.
+
+Determinism: the model is initialised under `torch.manual_seed(seed)`; each task
+re-seeds the global RNGs from (seed, task) and each epoch's shuffling uses its own
+generator seeded from (seed, task, epoch). Nothing therefore depends on what the
+process did before, so a run resumed from a checkpoint ends with the same accuracy
+matrix as an uninterrupted one.
+
+The trainer knows no method by name and nothing of any method's internals: it calls the
+hooks of :mod:`blip.methods.base` (method-specific settings such as BLIP's ``F_prior`` are
+method hyper-parameters in ``method_kwargs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import validate
+from ..methods import METHODS, Method, make_method, method_class
+from ..nn import load_state_dict_atomic
+from ..runs import checkpoint as ckpt
+from ..runs import metrics
+from ..runs.backend_info import kernel_backend
+from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
+from ..runs.seeds import derive_seed, seed_everything
+from .data import TaskData, TaskStream, load_benchmark
+from .presets import Preset, get_preset
+
+RESULTS = "results.json"
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_KEYS = ("task", "config", "model", "method", "rng", "acc", "records", "bits_hist")
+# What every method's after_task gets: the task's training set, subsampled (seeded) to
+# this many samples before it becomes float inputs, to bound memory (the Fisher methods
+# use at most 80 x 100 of them).
+END_OF_TASK_MAX_SAMPLES = 20_000
+
+
+@dataclass
+class TrainConfig:
+    benchmark: str = "pdigits"
+    method: str = "blip"
+    model: str = "mlp"
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 64
+    hidden: int = 100
+    n_hidden_layers: int = 1
+    width: float = 1.0
+    lr_patience: int = 5
+    lr_factor: float = 3.0
+    lr_min: float = 1e-4
+    momentum: float = 0.0
+    seed: int = 0
+    n_tasks: int | None = None
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    data_dir: str | None = None
+    download: bool = False
+    method_kwargs: dict = field(default_factory=dict)  # the method's hyper-parameters
+    # unpickle data-set files and old checkpoints without restriction (blip.runs.safeload)
+    trust_pickles: bool = False
+
+    # Keys that change the numbers a run produces: a resume must match them.
+    RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
+                   "n_hidden_layers", "width", "lr_patience", "lr_factor", "lr_min",
+                   "momentum", "seed", "n_tasks", "method_kwargs")
+
+    @classmethod
+    def from_preset(cls, benchmark: str, model: str | None = None, **overrides: Any) -> TrainConfig:
+        """The benchmark's published preset, with every non-None override applied."""
+        p = get_preset(benchmark, model)
+        names = {f.name for f in fields(cls)}
+        base = {k: v for k, v in p.to_dict().items() if k in names}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(benchmark=benchmark, **base)
+        # the preset's method hyper-parameters (e.g. F_prior) for a method that takes them
+        accepted = method_class(cfg.method).HPARAMS
+        cfg.method_kwargs = {**p.method_hparams(accepted), **cfg.method_kwargs}
+        return cfg
+
+    @classmethod
+    def upgrade(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved config (checkpoint, results.json) in today's layout: configs written
+        before F_prior/max_bit became method hyper-parameters held them at the top level."""
+        if not any(k in saved for k in Preset.METHOD_HPARAMS + ("max_bit",)):
+            return saved
+        saved = dict(saved)
+        kwargs = dict(saved.get("method_kwargs") or {})
+        accepted = method_class(saved["method"]).HPARAMS if saved.get("method") in METHODS \
+            else {}
+        for k in Preset.METHOD_HPARAMS + ("max_bit",):
+            if k not in saved:
+                continue
+            v = saved.pop(k)
+            # the old trainer passed F_prior (always) and max_bit to methods accepting them;
+            # today a default max_bit is not written out
+            if k in accepted and not (k == "max_bit" and v == accepted[k]):
+                kwargs.setdefault(k, v)
+        saved["method_kwargs"] = kwargs
+        return saved
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Every setting's type and range (numbers finite in float32, no bools for
+        numbers), named, before anything is loaded or trained. The method's own
+        hyper-parameters (``method_kwargs``: F_prior, max_bit, ...) are the method's to
+        check (:func:`preflight`)."""
+        V = validate
+        for k in ("epochs", "batch_size", "hidden", "lr_patience"):
+            V.number(k, getattr(self, k), lo=1, integer=True)
+        V.number("n_hidden_layers", self.n_hidden_layers, lo=0, integer=True)
+        V.number("seed", self.seed, integer=True)
+        V.optional_int("threads", self.threads, 1)
+        V.optional_int("n_tasks", self.n_tasks, 1)
+        for k in ("lr", "lr_min", "width"):
+            V.number(k, getattr(self, k), lo=0.0, lo_open=True)
+        V.number("lr_factor", self.lr_factor, lo=1.0, lo_open=True)
+        V.number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        for k in ("benchmark", "method", "model", "device"):
+            if not isinstance(getattr(self, k), str):
+                raise ValueError(f"{k} must be a string; got {getattr(self, k)!r}")
+        if not isinstance(self.method_kwargs, dict):
+            raise ValueError(f"method_kwargs must be a dict; got {self.method_kwargs!r}")
+        if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
+            raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available here")
+
+
+def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
+    from .. import models
+
+    cpt = stream.classes_per_task
+    if cfg.model == "mlp":
+        return models.MLP(stream.in_features, hidden=cfg.hidden, classes_per_task=cpt,
+                          n_hidden_layers=cfg.n_hidden_layers)
+    if len(stream.input_shape) != 3:
+        raise ValueError(f"model {cfg.model!r} needs image inputs (C, H, W); benchmark "
+                         f"{cfg.benchmark!r} gives {stream.input_shape}")
+    if cfg.model == "alexnet":
+        return models.AlexNet(stream.input_shape, cpt, width=cfg.width)
+    if cfg.model == "resnet18":
+        return models.ResNet18(stream.input_shape, cpt, width=cfg.width)
+    raise ValueError(f"unknown model {cfg.model!r}; choose mlp, alexnet or resnet18")
+
+
+def method_hparams(cfg: TrainConfig) -> dict:
+    """The method's hyper-parameters: ``method_kwargs``, the preset's momentum, and the run's
+    seed for a method whose ``seed`` defaults to it."""
+    hp = dict(cfg.method_kwargs)
+    hp.setdefault("momentum", cfg.momentum)
+    if method_class(cfg.method).SEED_FROM_RUN:
+        hp.setdefault("seed", cfg.seed)
+    return hp
+
+
+def _check_method(cfg: TrainConfig) -> None:
+    # the method's __init__ checks its hyper-parameters; built on a tiny bundled model,
+    # trunk and heads, so a method that looks at the model's shape finds the usual one
+    from ..models import MLP
+
+    make_method(cfg.method, MLP(1, 2, [2]), **method_hparams(cfg))
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that needs no data: the config, then the method's hyper-parameters."""
+    cfg.validate()
+    _check_method(cfg)
+
+
+class Trainer(Runner):
+    cfg: TrainConfig
+
+    def __init__(self, cfg: TrainConfig, out: str | Path, quiet: bool = False,
+                 plots: bool = True, stream: TaskStream | None = None) -> None:
+        super().__init__(cfg, out, quiet, plots)  # validates cfg
+        _check_method(cfg)  # with the config: preflight(cfg), before any data is loaded
+        self._stream = stream
+
+    # -- setup --------------------------------------------------------------------------
+
+    def _load_stream(self) -> TaskStream:
+        s = self._stream or load_benchmark(self.cfg.benchmark, self.cfg.data_dir,
+                                           self.cfg.download, self.cfg.seed,
+                                           trust_pickles=self.cfg.trust_pickles)
+        if self.cfg.n_tasks is not None and self.cfg.n_tasks < len(s):
+            s = s.truncated(self.cfg.n_tasks)
+        return s
+
+    def _setup(self, stream: TaskStream) -> tuple[nn.Module, Method]:
+        seed_everything(self.cfg.seed)
+        model = build_model(self.cfg, stream)
+        method = make_method(self.cfg.method, model, **method_hparams(self.cfg))
+        net = method.prepare().to(self.device)
+        return net, method
+
+    # -- one task -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, net: nn.Module, task: TaskData, t: int, split: str = "test",
+                 batch: int = 1024, method: Method | None = None) -> tuple[float, float]:
+        x_all, y_all = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        net.eval()
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(y_all), batch):
+            x = task.inputs(x_all[i:i + batch].to(self.device, non_blocking=True))
+            y = y_all[i:i + batch].to(self.device, non_blocking=True)
+            # the method may evaluate task t differently (e.g. with task t's mask)
+            with method.eval_context(t) if method is not None else contextlib.nullcontext():
+                out = net(x, t)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        n = max(len(y_all), 1)
+        return loss_sum / n, correct / n
+
+    def _train_epoch(self, net: nn.Module, method: Method, opt: torch.optim.Optimizer,
+                     task: TaskData, t: int, epoch: int, x_train: torch.Tensor,
+                     y_train: torch.Tensor) -> int:
+        """One pass over the task's training set in a seeded order; returns the steps."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, t, epoch))
+        perm = torch.randperm(len(y_train), generator=g).to(self.device)
+        method.before_epoch(t, epoch)
+        net.train()
+        steps = 0
+        for i in range(0, len(y_train), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            x, y = task.inputs(x_train[idx]), y_train[idx]
+            loss = method.training_loss(net, x, y, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            method.after_backward(t)
+            opt.step()
+            method.after_step(t)
+            steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return steps
+
+    def train_task(self, net: nn.Module, method: Method, task: TaskData, t: int) -> dict:
+        """The authors' schedule on one task (see the module doc); restores the best epoch."""
+        cfg = self.cfg
+        method.before_task(t)
+        opt = method.make_optimizer(t, cfg.lr)
+        x_train = task.x_train.to(self.device)
+        y_train = task.y_train.to(self.device)
+        lr, patience = cfg.lr, cfg.lr_patience
+        best_loss, best_state, best_epoch = math.inf, copy.deepcopy(net.state_dict()), -1
+        steps, step_time, epochs_run = 0, 0.0, 0
+        bar = Progress(cfg.epochs, f"task {t}", self.progress)
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            steps += self._train_epoch(net, method, opt, task, t, epoch, x_train, y_train)
+            step_time += time.perf_counter() - t0
+            epochs_run += 1
+            val_loss, val_acc = self.evaluate(net, task, t, "valid", method=method)
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = copy.deepcopy(net.state_dict())
+                patience = cfg.lr_patience
+            else:
+                patience -= 1
+                if patience <= 0:
+                    lr /= cfg.lr_factor
+                    if lr < cfg.lr_min:
+                        bar.update(loss=f"{val_loss:.3f}", acc=f"{100 * val_acc:.1f}", lr=lr)
+                        break
+                    patience = cfg.lr_patience
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+            bar.update(loss=f"{val_loss:.3f}", acc=f"{100 * val_acc:.1f}", lr=f"{lr:.2g}")
+        bar.close()
+        net.load_state_dict(best_state)
+        # Gradient elements the fused step skipped for being NaN/Inf: never silent.
+        skipped = opt.skipped_nonfinite() if hasattr(opt, "skipped_nonfinite") else 0
+        if skipped:
+            warnings.warn(f"task {t}: the fused step skipped {skipped} NaN/Inf gradient "
+                          "elements (their weights kept their values)", stacklevel=2)
+        return {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_valid_loss": best_loss,
+                "final_lr": lr, "steps": steps, "train_step_seconds": step_time,
+                "seconds_per_step": step_time / max(steps, 1),
+                "skipped_nonfinite_grads": skipped}
+
+    def _end_of_task_sample(self, task: TaskData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``Method.after_task`` gets: the training set, at most
+        END_OF_TASK_MAX_SAMPLES of it (seeded), as model inputs on the run's device."""
+        x, y = task.x_train, task.y_train
+        if len(y) > END_OF_TASK_MAX_SAMPLES:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, t, 1 << 20))
+            idx = torch.randperm(len(y), generator=g)[:END_OF_TASK_MAX_SAMPLES]
+            x, y = x[idx], y[idx]
+        return task.inputs(x.to(self.device)), y.to(self.device)
+
+    def learn_task(self, net: nn.Module, method: Method, stream: TaskStream, t: int,
+                   acc: Any) -> tuple[dict, dict[str, list[int]]]:
+        """Train task ``t``, end it, test every task so far into ``acc[t]``; returns the
+        task's record and its bits histograms (empty for a method without bits)."""
+        task = stream[t]
+        seed_everything(derive_seed(self.cfg.seed, t))
+        t0 = time.perf_counter()
+        info = self.train_task(net, method, task, t)
+        t1 = time.perf_counter()
+        sample_x, sample_y = self._end_of_task_sample(task, t)
+        stats = method.after_task(t, sample_x, sample_y) or {}
+        del sample_x, sample_y
+        t2 = time.perf_counter()
+        for u in range(t + 1):
+            acc[t, u] = self.evaluate(net, stream[u], u, method=method)[1]
+        t3 = time.perf_counter()
+        n_params = sum(p.numel() for p in net.parameters())
+        record = {
+            "task": t, "name": task.name, **info,
+            "train_seconds": t1 - t0, "end_task_seconds": t2 - t1,
+            "eval_seconds": t3 - t2, "seconds": t3 - t0,
+            "capacity": {k: float(v) for k, v in (method.layer_capacity() or {}).items()},
+            "method_stats": ckpt.jsonable(stats),
+            # memory the method keeps beyond the model's weights, per weight
+            "extra_bytes_per_param": method.extra_state_bytes() / n_params,
+        }
+        return record, method.bits_histograms() or {}
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _write_outputs(self, state: dict, stream: TaskStream, done: bool) -> dict:
+        matrix = state["acc"]
+        T = len(stream)
+        last = state["task"]
+        summ = metrics.summary(matrix, last) if last >= 0 else {}
+        records = state["records"]
+        results = {
+            "benchmark": self.cfg.benchmark,
+            "method": self.cfg.method,
+            "task_names": [t.name for t in stream],
+            "n_tasks": T,
+            "tasks_done": last + 1,
+            "complete": done,
+            "acc_matrix": metrics.matrix_to_list(matrix),
+            "acc": summ.get("acc"),
+            "bwt": summ.get("bwt"),
+            "bwt_authors": summ.get("bwt_authors"),
+            "bwt_note": "bwt divides by T-1 (usual); bwt_authors divides by T (authors' scripts)",
+            "forgetting": summ.get("forgetting"),
+            "capacity": [r.get("capacity", {}) for r in records],
+            "task_seconds": [r["seconds"] for r in records],
+            "end_task_seconds": [r["end_task_seconds"] for r in records],
+            "total_seconds": sum(r["seconds"] for r in records),
+            "tasks": records,
+            "bits_hist": state["bits_hist"],
+            "config": self.cfg.to_dict(),
+            "torch": torch.__version__,
+            "device": str(self.device),
+            "kernel_backend": kernel_backend(self.device),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(self.out / RESULTS, json.dumps(results, indent=1))
+        ckpt.write_text_atomic(self.out / "acc_matrix.json",
+                               json.dumps(metrics.matrix_to_list(matrix)))
+        ckpt.write_text_atomic(self.out / "acc_matrix.csv", matrix_csv(
+            matrix, "after_task", [f"task{j}" for j in range(T)], range(T), ".6f"))
+        return results
+
+    def _make_plots(self, results: dict, matrix: Any) -> None:
+        from . import plots
+
+        title = f"{self.cfg.benchmark} / {self.cfg.method}: ACC {100 * results['acc']:.1f}, " \
+                f"BWT {100 * results['bwt']:+.2f}"
+        plots.acc_heatmap(matrix, self.out / "acc_matrix.png", title)
+        if results["bits_hist"] and results["bits_hist"][0]:
+            plots.bits_histograms(results["bits_hist"], self.out / "bits_hist.png")
+            plots.capacity_curve(results["capacity"], self.out / "capacity.png")
+
+    def _checkpoint(self, state: dict, net: nn.Module, method: Method) -> None:
+        ckpt.save_atomic({
+            "version": 1, "task": state["task"], "config": self.cfg.to_dict(),
+            "model": net.state_dict(), "method": method.state_dict(), "rng": ckpt.rng_state(),
+            "acc": metrics.matrix_to_list(state["acc"]), "records": state["records"],
+            "bits_hist": state["bits_hist"],
+        }, self.out / CHECKPOINT)
+
+    def _start(self, net: nn.Module, method: Method, T: int, resume: bool) -> dict[str, Any]:
+        """A fresh run's state, or the checkpoint's when resuming one."""
+        path = self.out / CHECKPOINT
+        if resume and path.is_file():
+            c = ckpt.load(path, map_location=self.device, required=CHECKPOINT_KEYS,
+                          trust_pickles=self.cfg.trust_pickles)
+            self._check_compatible(c["config"])
+            load_state_dict_atomic(net, c["model"])
+            try:
+                method.load_state_dict(c["method"])
+            except KeyError as e:  # a checkpoint of an older layout of this method's state
+                raise ValueError(f"cannot resume {path}: its {self.cfg.method!r} state lacks "
+                                 f"{e.args[0]!r} (written by another version of the method?); "
+                                 f"start the run again without --resume") from None
+            ckpt.set_rng_state(c["rng"])
+            self.log(f"resuming {self.out} after task {c['task']} of {T}")
+            return {"task": c["task"], "acc": metrics.matrix_from_list(c["acc"]),
+                    "records": c["records"], "bits_hist": c["bits_hist"]}
+        if resume:
+            self.log(f"no checkpoint in {self.out}; starting from scratch")
+        elif path.is_file():
+            self.log(f"overwriting the run in {self.out} (use --resume to continue it)")
+        return {"task": -1, "acc": metrics.new_matrix(T), "records": [], "bits_hist": []}
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        validate.writable_dir(self.out, "out directory")  # before hours of training, not after
+        stream = self._load_stream()
+        T = len(stream)
+        net, method = self._setup(stream)
+        state = self._start(net, method, T, resume)
+        n_params = sum(p.numel() for p in net.parameters())
+        self.log(f"{cfg.benchmark}: {T} tasks, input {stream.input_shape}; {cfg.method} on "
+                 f"{cfg.model} ({n_params} parameters), device {self.device}, kernels "
+                 f"{kernel_backend(self.device)}, seed {cfg.seed}")
+        for t in range(state["task"] + 1, T):
+            record, hist = self.learn_task(net, method, stream, t, state["acc"])
+            state["records"].append(record)
+            state["bits_hist"].append(hist)
+            state["task"] = t
+            self._log_task(record, state["acc"][t, : t + 1])
+            # the checkpoint first: results.json never describes a task the checkpoint
+            # lacks (a failed write stops the run with both files at the previous task)
+            self._checkpoint(state, net, method)
+            self._write_outputs(state, stream, done=t == T - 1)
+        results = self._write_outputs(state, stream, done=True)
+        if self.plots:
+            try:
+                self._make_plots(results, state["acc"])
+            except ImportError as e:
+                self.log(f"plots skipped: {e}")
+        self.log(f"ACC {100 * results['acc']:.2f}  BWT {100 * results['bwt']:+.2f} "
+                 f"(authors' /T: {100 * results['bwt_authors']:+.2f})  "
+                 f"time {results['total_seconds']:.1f}s  -> {self.out}")
+        return results
+
+    def _log_task(self, record: dict, row: Any) -> None:
+        accs = " ".join(f"{100 * v:5.1f}" for v in row)
+        cap = record["capacity"]
+        capmsg = f", capacity {100 * cap['overall']:.1f}%" if "overall" in cap else ""
+        self.log(f"task {record['task']} ({record['name']}): {record['epochs_run']} epochs, "
+                 f"{record['seconds']:.1f}s{capmsg} | acc {accs}")
+
+    def _check_compatible(self, saved: dict[str, Any]) -> None:
+        ckpt.check_resumable(TrainConfig.upgrade(saved), self.cfg.to_dict(),
+                             TrainConfig.RESULT_KEYS, self.out / CHECKPOINT)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return RUNS_ROOT / run_name(cfg.benchmark, cfg.method, seed=cfg.seed)
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
+          quiet: bool = False, plots: bool = True) -> dict:
+    """Run (or resume) a whole task stream; returns the results dict."""
+    return Trainer(cfg, out or default_run_dir(cfg), quiet=quiet, plots=plots).run(resume)

@@ -1,0 +1,93 @@
+"""``lwf``: Learning without Forgetting, distillation of the earlier heads."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import MultiHead
+from .base import Method, check, nonneg, register
+
+
+def head_logits(model: nn.Module, x: Tensor, tasks: list[int]) -> list[Tensor]:
+    """Logits of several heads on one batch: the trunk runs once on a MultiHead (one
+    dropout mask for all heads), otherwise ``model(x, k)`` per head."""
+    if isinstance(model, MultiHead):
+        h = model.features(x)
+        return [model.heads[k](h) for k in tasks]
+    return [model(x, k) for k in tasks]
+
+
+
+def distillation_loss(new_logits: Tensor, old_logits: Tensor, T: float) -> Tensor:
+    """Li & Hoiem's modified cross-entropy: ``−Σ softmax(old/T)·log softmax(new/T)``,
+    batch mean (the temperature-scaled, renormalised probabilities of the paper)."""
+    target = F.softmax(old_logits.float() / T, dim=1)
+    return -(target * F.log_softmax(new_logits.float() / T, dim=1)).sum(1).mean()
+
+
+@register
+class LwF(Method):
+    """Learning without Forgetting (Li & Hoiem 2016): on task ``t``, cross-entropy on
+    head ``t`` plus ``λ · Σ_{k<t}`` distillation of head ``k`` towards a frozen copy of
+    the model taken after task ``t−1`` (eval mode), on the current batch. The paper's
+    warm-up (training the new head alone first) is not done."""
+
+    name = "lwf"
+    HPARAMS: ClassVar[dict[str, Any]] = {
+        **Method.HPARAMS,
+        "lamb": 1.0,  # λ_o, weight of the distillation terms (the paper's value)
+        "T": 2.0,  # distillation temperature (the paper's value)
+    }
+
+    def __init__(self, model: nn.Module, **hparams: Any) -> None:
+        super().__init__(model, **hparams)
+        nonneg(self.name, self.hparams, "lamb")
+        check(isinstance(self.hparams["T"], (int, float)) and self.hparams["T"] > 0,
+               f"method 'lwf': T must be a number > 0; got {self.hparams['T']!r}")
+        self.old_model: nn.Module | None = None
+        self.old_tasks = 0  # heads 0..old_tasks-1 are distilled
+
+    def _freeze_copy(self) -> nn.Module:
+        old = copy.deepcopy(self.model).eval()
+        for p in old.parameters():
+            p.requires_grad_(False)
+        return old
+
+    @torch.no_grad()
+    def distillation_targets(self, x: Tensor, task: int) -> list[Tensor]:
+        """The old model's logits of every earlier head on ``x`` (empty on task 0)."""
+        if self.old_model is None:
+            return []
+        return head_logits(self.old_model, x, list(range(min(task, self.old_tasks))))
+
+    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
+        targets = self.distillation_targets(x, task)
+        outs = head_logits(model, x, list(range(len(targets))) + [task])
+        loss = F.cross_entropy(outs[-1], y)
+        if targets:
+            dist = sum(distillation_loss(o, t, self.hparams["T"])
+                       for o, t in zip(outs[:-1], targets, strict=True))
+            loss = loss + self.hparams["lamb"] * dist
+        return loss
+
+    def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
+        self.old_model = self._freeze_copy()
+        self.old_tasks = task + 1
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        old = None if self.old_model is None else self.old_model.state_dict()
+        return {"old_model": old, "old_tasks": self.old_tasks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        old_tasks = int(state["old_tasks"])
+        old_model = None
+        if state["old_model"] is not None:
+            old_model = self._freeze_copy()
+            old_model.load_state_dict(state["old_model"])
+        self.old_tasks, self.old_model = old_tasks, old_model

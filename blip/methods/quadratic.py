@@ -1,0 +1,191 @@
+"""The shared proximal quadratic penalty of EWC, online EWC, SI, MAS and IMM-mode, and the
+true-Fisher estimate of the three Fisher-based ones.
+
+Fisher (EWC, online EWC, IMM-mode): :func:`blip.fisher.true_fisher`, i.e. the exact
+per-sample kernels ``blip_kernels.fisher_linear_`` / ``fisher_conv2d_`` with targets
+*sampled* from the task head (true Fisher), batch-mean loss, squares summed then
+divided by the number of samples, at most 80 batches of 100 (docs/semantics.md,
+section 7). It covers the weights and biases of every ``nn.Linear`` / ``nn.Conv2d``
+(quantized subclasses included), heads too: a head not used by the task gets a zero
+Fisher. Any other parameter (e.g. BatchNorm affine; the bundled models have none)
+is *not* regularised by these three methods and is listed in ``after_task``'s
+``unregularised`` stat.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, true_fisher
+from .base import Method, Params, check, load_params, task_generator
+
+
+def quadratic_sum(model: nn.Module, weight: Params, anchor: Params) -> Tensor:
+    """``Σ weight·(θ − anchor)²`` over the named parameters in ``weight``."""
+    params = dict(model.named_parameters())
+    terms = [(w * (params[n] - anchor[n]).pow(2)).sum() for n, w in weight.items()]
+    if not terms:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.stack(terms).sum()
+
+
+def _fisher_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def task_fisher(method: Method, task: int, sample_x: Tensor) -> tuple[Params, dict[str, Any]]:
+    """True-Fisher diagonal of the model on ``task`` (see the module doc) and stats."""
+    hp, model = method.hparams, method.model
+    layers = _fisher_layers(model)
+    if not layers:
+        raise ValueError(f"method {method.name!r} needs a model with nn.Linear/nn.Conv2d layers")
+    fisher, n = true_fisher(
+        model, layers, sample_x, lambda x: model(x, task), n_batches=hp["fisher_batches"],
+        batch_size=hp["fisher_batch_size"], generator=task_generator(hp["seed"], task))
+    others = [p for p, _ in model.named_parameters() if p not in fisher]
+    return fisher, {"fisher_samples": n, "unregularised": others}
+
+
+
+FISHER_HPARAMS: dict[str, Any] = {
+    "fisher_batches": FISHER_BATCHES,  # Fisher: at most this many batches (section 7)
+    "fisher_batch_size": FISHER_BATCH_SIZE,  # Fisher: samples per batch (batch-mean loss)
+    "seed": None,  # Fisher subset/target sampling; None: torch's global RNG (trainer-seeded)
+}
+
+
+# -- quadratic penalties: how they are applied ---------------------------------------------
+
+
+PENALTY_STEPS = ("proximal", "gradient")
+PENALTY_HPARAMS: dict[str, Any] = {
+    "penalty_step": "proximal",  # "proximal" (stable for any stiffness) or "gradient"
+}
+
+
+class QuadraticPenaltyMethod(Method, ABC):
+    """Base of the methods whose penalty is ``strength · Σ_i w_i (θ_i − a_i)²``
+    (EWC, online EWC, SI, MAS, IMM-mode's L2 transfer). Subclasses define
+    :meth:`quadratic` (weights ``w`` and anchors ``a`` per parameter name) and
+    :attr:`strength`.
+
+    ``penalty_step="proximal"`` (default): the penalty stays out of the loss; after every
+    optimizer step each parameter moves to the exact minimiser of
+    ``‖θ − θ_step‖²/(2·lr) + strength·w(θ − a)²``, i.e. ``θ ← θ + k/(1+k)·(a − θ)`` with
+    ``k = 2·lr·strength·w``. Why: with SGD at the benchmarks' learning rates, SI's and
+    MAS's importances at their papers' strengths give ``k`` above 2, where the explicit
+    gradient step oscillates with growing amplitude and the run ends in NaN; the proximal
+    step is stable for any ``k``, has the same fixed points and agrees with the gradient
+    step to first order in ``lr``. With SGD momentum ``μ`` (dampening ``d``) the loss
+    step's stationary size is ``lr·(1−d)/(1−μ)`` times the gradient, so that is the ``lr``
+    the pull uses: the fixed points stay those of loss + penalty. ``"gradient"``: the
+    penalty is added to the loss, as the papers write it.
+    """
+
+    HPARAMS: ClassVar[dict[str, Any]] = {**Method.HPARAMS, **PENALTY_HPARAMS}
+
+    def __init__(self, model: nn.Module, **hparams: Any) -> None:
+        super().__init__(model, **hparams)
+        check(self.hparams["penalty_step"] in PENALTY_STEPS,
+               f"method {self.name!r}: penalty_step must be one of {PENALTY_STEPS}; got "
+               f"{self.hparams['penalty_step']!r}")
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._coef_key: tuple | None = None  # (lrs, version) the cache is for
+        self._coef: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        self._version = 0  # bumped whenever weights/anchors change
+
+    @property
+    @abstractmethod
+    def strength(self) -> float:
+        """The penalty's factor in front of ``Σ w(θ − a)²``."""
+
+    @abstractmethod
+    def quadratic(self) -> tuple[Params, Params]:
+        """Per-parameter weights and anchors of the penalty (empty before the first task)."""
+
+    def _changed(self) -> None:
+        """Call after changing the weights or anchors: invalidates the proximal cache."""
+        self._version += 1
+
+    #: the per-parameter tensors (attribute names, also their state_dict keys) to checkpoint
+    STATE: ClassVar[tuple[str, ...]] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # everything validated first, then assigned: a rejected state changes nothing
+        loaded = {k: load_params(state[k], self.model, k) for k in self.STATE}
+        loaded.update(self._other_state(state))
+        for k, v in loaded.items():
+            setattr(self, k, v)
+        self._changed()
+
+    def _other_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Attributes beyond ``STATE``'s tensors that ``state`` restores, converted and
+        checked (assigned only with everything else)."""
+        return {}
+
+    def penalty(self) -> Tensor:
+        weight, anchor = self.quadratic()
+        return self.strength * quadratic_sum(self.model, weight, anchor)
+
+    def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
+        loss = F.cross_entropy(model(x, task), y)
+        if self.hparams["penalty_step"] == "gradient" and self.quadratic()[0]:
+            return loss + self.penalty()
+        return loss
+
+    def make_optimizer(self, task: int, lr: float) -> torch.optim.Optimizer:
+        self._optimizer = super().make_optimizer(task, lr)
+        return self._optimizer
+
+    def after_step(self, task: int) -> None:
+        if self.hparams["penalty_step"] == "proximal":
+            self.proximal_step()
+
+    def proximal_step(self) -> None:
+        """θ ← θ + k/(1+k)·(a − θ) for every penalised parameter, at the optimizer's lr."""
+        weight, anchor = self.quadratic()
+        if not weight:
+            return
+        if self._optimizer is None:
+            raise RuntimeError(f"method {self.name!r}: the proximal penalty step needs the "
+                               f"learning rate; build the optimizer with make_optimizer()")
+        groups = self._optimizer.param_groups
+        lrs = {id(p): _stationary_lr(g) for g in groups for p in g["params"]}
+        key = (id(self._optimizer), tuple(_stationary_lr(g) for g in groups), self._version)
+        if key != self._coef_key:  # the lr schedule or the penalty changed
+            params, coefs, anchors = [], [], []
+            for n, p in self.model.named_parameters():
+                if n in weight and id(p) in lrs:
+                    k = (2 * lrs[id(p)] * self.strength) * weight[n]
+                    params.append(p)
+                    coefs.append((k / (1 + k)).expand_as(p).contiguous())
+                    anchors.append(anchor[n])
+            self._coef, self._coef_key = (params, coefs, anchors), key
+        params, coefs, anchors = self._coef
+        with torch.no_grad():
+            delta = torch._foreach_sub(anchors, params)
+            torch._foreach_mul_(delta, coefs)
+            torch._foreach_add_(params, delta)
+
+
+def _stationary_lr(group: dict[str, Any]) -> float:
+    """Step size per unit of a constant gradient once SGD's momentum buffer has settled."""
+    mu = float(group.get("momentum", 0.0))
+    if mu == 0:
+        return float(group["lr"])
+    return float(group["lr"]) * (1 - float(group.get("dampening", 0.0))) / (1 - mu)
+
+
+def _weighted_anchor(f_old: Tensor, a_old: Tensor, f_new: Tensor, a_new: Tensor) -> Tensor:
+    """Anchor of ``f_old(θ−a_old)² + f_new(θ−a_new)²`` (same θ-gradient, up to a constant)."""
+    total = f_old + f_new
+    merged = (f_old * a_old + f_new * a_new) / total.clamp_min(1e-38)
+    return torch.where(total > 0, merged, a_new)

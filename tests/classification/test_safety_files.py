@@ -1,0 +1,258 @@
+"""Files a user points at never run code, and bad files are clear errors (issue 11).
+
+Every file kind the package reads (checkpoint, CIFAR batch,
+mini-ImageNet pickle, the run dirs `blip compare --out DIR` resumes on its own) gets a
+``__reduce__`` payload that would create a marker file; the payload must not run and
+the error must name the file. Then: checksums, malformed checkpoints, stale temp
+files, disk full, results.json never ahead of its checkpoint.
+The RL checkpoint's env payload: tests/rl/test_rl_safety.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import blip.runs.checkpoint as ckpt
+from blip import cli
+from blip.classification.data import DataFormatError, load_benchmark
+from blip.classification.data.formats import read_cifar_batch
+from blip.classification.trainer import TrainConfig, Trainer
+from blip.runs.safeload import CheckpointError, RestrictedUnpickler, from_plain, to_plain
+
+
+class Payload:
+    """Unpickling this creates ``marker`` (a stand-in for ``os.system(...)``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def _cfg(**kw) -> TrainConfig:  # noqa: ANN003
+    return TrainConfig.from_preset("pdigits", n_tasks=2, epochs=1, **kw)
+
+
+def _train(out: Path, **kw) -> dict:  # noqa: ANN003
+    return Trainer(_cfg(**kw), out, quiet=True, plots=False).run()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-task pdigits run (copied by tests that change it)."""
+    out = tmp_path_factory.mktemp("safety") / "run"
+    _train(out)
+    return out
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    return d
+
+
+# -- payloads in every file kind ---------------------------------------------------------
+
+
+def test_checkpoint_payload_does_not_run(run_dir: Path, tmp_path: Path) -> None:
+    d, marker = _copy(run_dir, tmp_path), tmp_path / "pwned"
+    # an older blip's format (a bare torch.save) and ours (checksummed, but a pickle inside)
+    torch.save({"task": 0, "model": Payload(marker)}, d / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt.*--trust-pickles"):
+        Trainer(_cfg(), d, quiet=True, plots=False).run(resume=True)
+    buf = io.BytesIO()
+    torch.save({"task": 0, "model": Payload(marker)}, buf)
+    payload = buf.getvalue()
+    import hashlib
+
+    header = json.dumps({"format": 2, "bytes": len(payload),
+                         "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    (d / "checkpoint.pt").write_bytes(b"BLIP-CHECKPOINT\n" + header + b"\n" + payload)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt"):
+        Trainer(_cfg(), d, quiet=True, plots=False).run(resume=True)
+    assert not marker.exists()
+
+
+def _cifar_batch(path: Path, data: object, labels: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        pickle.dump({b"data": data, b"labels": labels}, f, protocol=2)
+
+
+def test_cifar_batch_payload_does_not_run_unless_trusted(tmp_path: Path) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    marker = tmp_path / "pwned"
+    _cifar_batch(d / "data_batch_1", Payload(marker), [0])
+    with pytest.raises(DataFormatError, match=r"data_batch_1.*refusing.*exec"):
+        load_benchmark("cifar-alt", tmp_path)
+    assert not marker.exists()
+    with pytest.raises(DataFormatError):  # the opt-out really unpickles (then fails the format)
+        read_cifar_batch(d / "data_batch_1", trust_pickles=True)
+    assert marker.exists()
+
+
+def test_restricted_unpickler_reads_real_batches(tmp_path: Path) -> None:
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 256, (5, 3072)).astype(np.uint8)
+    for proto in (2, 4, 5):  # py2-era batches are protocol 2 (_codecs.encode for bytes)
+        p = tmp_path / f"batch{proto}"
+        with p.open("wb") as f:
+            pickle.dump({b"data": x, b"labels": [1, 2, 3, 4, np.int64(5)],
+                         b"batch_label": b"x"}, f, protocol=proto)
+        xr, yr = read_cifar_batch(p)
+        assert np.array_equal(xr.reshape(5, -1), x) and yr.tolist() == [1, 2, 3, 4, 5]
+    # object arrays would unpickle arbitrary items: refused
+    buf = io.BytesIO()
+    pickle.dump(np.array([1, "a"], dtype=object), buf)
+    with pytest.raises(pickle.UnpicklingError, match="object"):
+        RestrictedUnpickler(io.BytesIO(buf.getvalue())).load()
+
+
+def test_miniimagenet_payload_does_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    d = tmp_path / "miniimagenet"
+    d.mkdir()
+    for name in ("train.pkl", "test.pkl"):
+        with (d / name).open("wb") as f:
+            pickle.dump({"images": Payload(marker), "labels": [0]}, f)
+    with pytest.raises(DataFormatError, match=r"train\.pkl.*refusing"):
+        load_benchmark("miniimagenet", tmp_path)
+    assert not marker.exists()
+
+
+def test_compare_auto_resume_payload_does_not_run(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out, marker = tmp_path / "cmp", tmp_path / "pwned"
+    argv = ["compare", "--benchmark", "pdigits", "--methods", "finetune", "--seeds", "0",
+            "--epochs", "1", "--n-tasks", "2", "--no-plots", "--out", str(out)]
+    assert cli.main(argv) == 0
+    run = out / "pdigits-finetune-seed0"
+    r = json.loads((run / "results.json").read_text())
+    r["complete"] = False  # compare now resumes it from its checkpoint, unasked
+    (run / "results.json").write_text(json.dumps(r))
+    torch.save({"task": 0, "config": r["config"], "model": Payload(marker)},
+               run / "checkpoint.pt")
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(run / "checkpoint.pt") in err and "--trust-pickles" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not marker.exists()
+
+
+# -- old checkpoints -----------------------------------------------------------------------
+
+
+def test_old_checkpoint_needs_trust_then_resumes(run_dir: Path, tmp_path: Path) -> None:
+    class Killed(Exception):
+        pass
+
+    class DiesBeforeTask1(Trainer):
+        def train_task(self, net, method, task, t):  # noqa: ANN001, ANN202
+            if t == 1:
+                raise Killed
+            return super().train_task(net, method, task, t)
+
+    d = tmp_path / "run"
+    with pytest.raises(Killed):
+        DiesBeforeTask1(_cfg(), d, quiet=True, plots=False).run()
+    c = ckpt.load(d / "checkpoint.pt")
+    assert c["task"] == 0 and isinstance(c["rng"]["numpy"][1], np.ndarray)
+    torch.save(c, d / "checkpoint.pt")  # the pre-checksum format: numpy state pickled
+    with pytest.raises(CheckpointError, match="older blip.*--trust-pickles"):
+        Trainer(_cfg(), d, quiet=True, plots=False).run(resume=True)
+    res = Trainer(_cfg(trust_pickles=True), d, quiet=True, plots=False).run(resume=True)
+    full = json.loads((run_dir / "results.json").read_text())
+    assert res["complete"] and res["acc_matrix"] == full["acc_matrix"]
+
+
+# -- checksums and malformed checkpoints -------------------------------------------------
+
+
+def test_flipped_byte_is_detected(run_dir: Path, tmp_path: Path) -> None:
+    d = _copy(run_dir, tmp_path)
+    raw = bytearray((d / "checkpoint.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit inside the weights
+    (d / "checkpoint.pt").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt is corrupt.*checksum"):
+        ckpt.load(d / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("content", ["random", "empty-dict", "plain-empty-dict", "truncated"])
+def test_malformed_checkpoint_is_one_line_error(run_dir: Path, tmp_path: Path, capsys,  # noqa: ANN001
+                                                content: str) -> None:
+    d = _copy(run_dir, tmp_path)
+    p = d / "checkpoint.pt"
+    if content == "random":
+        p.write_bytes(np.random.RandomState(0).bytes(4096))
+    elif content == "empty-dict":
+        ckpt.save_atomic({}, p)
+    elif content == "plain-empty-dict":
+        torch.save({}, p)
+    else:
+        p.write_bytes(p.read_bytes()[:1000])
+    rc = cli.main(["train", "--benchmark", "pdigits", "--n-tasks", "2", "--epochs", "1",
+                   "--quiet", "--no-plots", "--out", str(d), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(p) in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_plain_codec_round_trips_numpy() -> None:
+    state = {"numpy": np.random.get_state(), "a": np.arange(6, dtype=np.int16).reshape(2, 3),
+             "s": np.float32(1.5), "t": (1, [2.0, None], "x", b"y"), "w": torch.ones(2)}
+    buf = io.BytesIO()
+    torch.save(to_plain(state), buf)
+    back = from_plain(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert back["numpy"][0] == "MT19937" and np.array_equal(back["numpy"][1], state["numpy"][1])
+    assert back["a"].dtype == np.int16 and np.array_equal(back["a"], state["a"])
+    assert back["s"] == np.float32(1.5) and back["t"] == state["t"]
+    with pytest.raises(TypeError, match="plain"):
+        to_plain({"x": object()})
+
+
+# -- writes: stale temps, disk full, order -------------------------------------------------
+
+
+def test_stale_temp_files_are_removed_on_next_write(tmp_path: Path) -> None:
+    stale = [tmp_path / ".checkpoint.pt.k1ll3d.tmp", tmp_path / ".checkpoint.pt.x.tmp"]
+    for s in stale:
+        s.write_bytes(b"\0" * 100)
+    other = tmp_path / ".results.json.abc.tmp"  # another file's temp: not ours to remove
+    other.write_text("{")
+    ckpt.save_atomic({"a": 1}, tmp_path / "checkpoint.pt")
+    assert not any(s.exists() for s in stale) and other.exists()
+    assert ckpt.load(tmp_path / "checkpoint.pt")["a"] == 1
+
+
+def test_disk_full_is_one_line_error_and_files_agree(tmp_path: Path, capsys,  # noqa: ANN001
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    real, files = ckpt._write_bytes, []
+
+    def full_on_second(f, data: bytes) -> None:  # noqa: ANN001
+        if f not in files:
+            files.append(f)
+        if len(files) == 2:  # the checkpoint after task 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(ckpt, "_write_bytes", full_on_second)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--benchmark", "pdigits", "--n-tasks", "3", "--epochs", "1",
+                   "--quiet", "--no-plots", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "No space left on device" in err and str(out / "checkpoint.pt") in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    # the previous checkpoint is intact and results.json describes the same task
+    assert ckpt.load(out / "checkpoint.pt")["task"] == 0
+    assert json.loads((out / "results.json").read_text())["tasks_done"] == 1
+    assert not list(out.glob(".*.tmp"))
