@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="print the per-benchmark presets")
     sub.add_parser("methods", help="list the methods with their hyper-parameters and defaults")
     _add_rl(sub)
+    _add_reproduce(sub)
     return p
 
 
@@ -137,6 +138,42 @@ def _add_rl(sub: Any) -> None:
     rl.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                     help="instead of training: compare finished runs (table; with --out, "
                     "also OUT/compare.md and OUT/compare.png)")
+
+
+def _add_reproduce(sub: Any) -> None:
+    from .classification.reproduce import RUNS
+
+    r = sub.add_parser("reproduce", help="the authors' run of a benchmark: their command "
+                       "line, then ours with the same settings",
+                       description="Print the authors' command line for BENCHMARK (from "
+                       "their README and scripts) and our settings, then train with them.")
+    r.add_argument("benchmark", choices=list(RUNS), metavar="BENCHMARK",
+                   help=f"one of {', '.join(RUNS)}")
+    r.add_argument("--dry-run", action="store_true", help="print only (loads no data)")
+    r.add_argument("--embedded", action="store_true", help="the same settings on the "
+                   "embedded stand-in (mnist5 -> mnist5k-split, pmnist -> mnist5k-perm)")
+    r.add_argument("--epochs", type=int, help="epoch budget (differs from the authors')")
+    r.add_argument("--n-tasks", type=int, help="only the first N tasks (differs from theirs)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--data-dir", help="root of the full benchmarks' files")
+    r.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
+    r.add_argument("--out", help="run directory (default runs/<benchmark>-blip-seed<k>)")
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+
+
+def _reproduce(a: argparse.Namespace) -> int:
+    from .classification.reproduce import reproduce
+
+    text, _ = reproduce(a.benchmark, embedded=a.embedded, dry_run=a.dry_run, out=a.out,
+                        quiet=a.quiet, plots=not a.no_plots, epochs=a.epochs,
+                        n_tasks=a.n_tasks, seed=a.seed, device=a.device, threads=a.threads,
+                        data_dir=a.data_dir, trust_pickles=a.trust_pickles)
+    if a.dry_run:
+        print(text)
+    return 0
 
 
 def parse_hp(items: Sequence[str]) -> dict[str, Any]:
@@ -267,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if a.command == "rl":
             return _rl(a)
+        if a.command == "reproduce":
+            return _reproduce(a)
         if a.command == "presets":
             from .classification.presets import PRESETS
 
