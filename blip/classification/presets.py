@@ -70,6 +70,8 @@ class Preset:
 # (IC/run_blip.py:27, MI/run_blip.py:30). Fisher: 80 batches of 100 (IC/approaches/
 # blip_utils.py, estimate_fisher(batch_size=100, num_batch=80), which asserts the task has
 # the 8000 samples; blip uses what there is, and results.json states the samples used).
+# At each lr decay they build a new SGD (IC/approaches/blip.py, train), which would reset a
+# momentum buffer; blip lowers the lr in place: the same with their momentum 0.
 AUTHORS = dict(lr_patience=5, lr_factor=3.0, lr_min=1e-4, momentum=0.0, epochs=200,
                stop_on_nonfinite=True)
 
@@ -124,7 +126,11 @@ PRESETS: dict[str, Preset] = {
     # batch_size=10; MI/approaches/blip_utils.py estimate_fisher stops at 100 batches and
     # divides by total_data = 1000). Their AlexNet here has fc 2048 -> 512 and dropout 0.5
     # after conv3 and the fcs (MI/networks/q_alexnet.py:33-37): blip's AlexNet does not
-    # (fc 2048 x --mul, dropout 0.2): a known difference. Loader: see full.miniimagenet.
+    # (fc 2048 x --mul, dropout 0.2): a known difference. From task 1 on their train_epoch
+    # puts every BatchNorm in eval mode (MI/approaches/blip.py, train_epoch: ResNet-18's
+    # statistics frozen); blip's trainer keeps them in train mode: a known difference.
+    # Loader: see full.miniimagenet (their images are read with cv2, i.e. BGR, and normalised
+    # with the RGB ImageNet statistics; their train.pkl/test.pkl keep that order here).
     "miniimagenet": Preset(model="alexnet", lr=0.01, batch_size=32, F_prior=5e-16, width=1.0,
                            fisher_batches=100, fisher_batch_size=10, **AUTHORS,
                            note="authors' README mini-ImageNet AlexNet command; AlexNet "
