@@ -55,6 +55,9 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--lr-min", type=float, help="stop a task once lr falls below this")
     t.add_argument("--momentum", type=float)
     t.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
+    t.add_argument("--stop-on-nonfinite", action=argparse.BooleanOptionalAction, default=None,
+                   help="at a NaN/Inf loss stop the task and restore its best epoch, as the "
+                   "authors' code (default: the preset's; on for the authors' benchmarks)")
     t.add_argument("--forward-mode", choices=["continuous", "quantized"],
                    help="BLIP forward: continuous weights (authors' code) or quantize-STE "
                    "(same as --hp forward_mode=...)")
@@ -241,6 +244,7 @@ def _train(a: argparse.Namespace) -> int:
         lr_factor=a.lr_factor, lr_min=a.lr_min, momentum=a.momentum, n_tasks=a.n_tasks,
         seed=a.seed, device=a.device, threads=a.threads, data_dir=a.data_dir, download=a.download,
         method_kwargs=method_kwargs, trust_pickles=a.trust_pickles,
+        stop_on_nonfinite=a.stop_on_nonfinite,
     )
     train(cfg, a.out or default_run_dir(cfg), resume=a.resume, quiet=a.quiet,
           plots=not a.no_plots)

@@ -183,3 +183,30 @@ def test_results_state_the_fisher_samples_of_a_short_task(tmp_path: Path) -> Non
     ft = train(TrainConfig.from_preset("pdigits", method="finetune", n_tasks=1, epochs=1,
                                        threads=1), tmp_path / "ft", quiet=True, plots=False)
     assert ft["fisher_budget"] is None and ft["fisher_samples"] == [None]
+
+
+def test_train_cli_sets_the_nonfinite_stop() -> None:
+    from blip.cli import _parser
+
+    def flag(*argv: str) -> object:
+        return _parser().parse_args(["train", *argv]).stop_on_nonfinite
+
+    # unset: the preset decides (on for pmnist, off for pdigits); either way on request
+    assert flag("--benchmark", "pmnist") is None
+    assert TrainConfig.from_preset("pmnist", stop_on_nonfinite=None).stop_on_nonfinite is True
+    assert TrainConfig.from_preset("pdigits", stop_on_nonfinite=None).stop_on_nonfinite is False
+    assert flag("--no-stop-on-nonfinite") is False and flag("--stop-on-nonfinite") is True
+    off = TrainConfig.from_preset("pmnist", stop_on_nonfinite=flag("--no-stop-on-nonfinite"))
+    assert off.stop_on_nonfinite is False
+
+
+def test_train_cli_writes_the_nonfinite_stop(tmp_path: Path) -> None:
+    import json
+
+    from blip.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--benchmark", "pdigits", "--n-tasks", "1", "--epochs", "1",
+                 "--threads", "1", "--stop-on-nonfinite", "--out", str(out), "--quiet",
+                 "--no-plots"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["stop_on_nonfinite"] is True
