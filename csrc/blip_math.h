@@ -125,6 +125,10 @@ struct SgdParams {
 //: `buf.mul_(momentum)` is a separate rounding before the momentum add. The scalars
 //: are double -> fp32 once (Scalar::to<float>), -lr included (= -fp32(lr)).
 //: Exception: torch's DEFAULT (pre-AVX2) CPU build rounds twice; we fuse everywhere.
+//: bf16/fp16 parameters: all math here is fp32 with an fp32 momentum buffer, rounded
+//: once on store. torch differs by design there: its CPU add rounds alpha to the
+//: parameter dtype and, in the scalar tail (n mod 32 with AVX512), rounds alpha*y to
+//: the dtype before adding; its buffers and intermediates are in the dtype.
 //: fmaf is exact on host and device (a libm call in the SSE2 copy of the CPU loops).
 BLIP_HD inline bool sgd_elem(float& w, float g, float prev, int bits, float& buf, bool has_buf,
                              float bound, float lim, const SgdParams& p) {

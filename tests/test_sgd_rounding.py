@@ -112,15 +112,16 @@ def test_constrained_sgd_matches_torch_sgd_fp32(name: str, cfg: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", _backends())
 def test_constrained_sgd_matches_torch_sgd_low_precision(name: str, dtype: torch.dtype) -> None:
-    """bf16/fp16 parameters, plain SGD with an lr exact in the dtype: torch (CPU) works in
-    fp32 and rounds the result once to the dtype, as the fused step does. (This held
-    before the fused multiply-add too: lr·g of two bf16/fp16 numbers is exact in fp32.
-    It pins the extent of the low-precision claim.)
+    """bf16/fp16 parameters, plain SGD with a power-of-two lr: lr·g is then exact, and
+    torch and the fused step both round w - lr·g once to the dtype. (This held before
+    the fused multiply-add too; it pins the extent of the low-precision claim.)
 
     Not covered, by design: momentum or weight decay (the fused step keeps an fp32
     momentum buffer and fp32 intermediates where torch.optim.SGD rounds each to the
-    parameter dtype), and an lr not exact in the dtype (torch's CPU add rounds alpha to
-    the parameter dtype, its CUDA foreach add does not; the fused step never does).
+    parameter dtype), and other lrs: torch's CPU add rounds alpha to the dtype, and in
+    its scalar tail (the last n mod 32 elements) rounds alpha·g to the dtype before
+    adding, so its own result depends on an element's position; the fused step does
+    fp32 math for every element.
     """
     lr = 2.0**-6
     ours, theirs, first = _run_both(name, dtype, CONFIGS["plain"], lr, _steps(name))
