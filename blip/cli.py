@@ -311,10 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "reproduce":
             return _reproduce(a)
         if a.command == "presets":
-            from .classification.presets import PRESETS
+            from .classification.presets_table import presets_table
 
-            for name, p in PRESETS.items():
-                print(f"{name}: {p.to_dict()}")
+            print(presets_table())
             return 0
         if a.command == "methods":
             print(_methods_text())
