@@ -28,6 +28,16 @@ class Preset:
     hidden: int = 100             # MLP hidden width
     n_hidden_layers: int = 1
     width: float = 1.0            # conv-net width multiplier (the authors' --mul)
+    # Architecture options of the preset's model (None: the model's default), the
+    # constructor arguments of blip.models.AlexNet / ResNet18 of the same names.
+    fc1_width: int | None = None      # AlexNet fc1/fc2 out features (default 2048 x width)
+    fc2_width: int | None = None
+    fc_dropout: float | None = None   # AlexNet dropout after conv3, fc1, fc2 (default 0.2)
+    pool_window: int | None = None    # ResNet18: average the top-left k x k (default: all)
+    # BatchNorm layers in eval mode while training every task after the first (running
+    # statistics used and kept as task 0 left them), as the authors' MI/approaches/blip.py
+    # train_epoch (lines 91-95).
+    batchnorm_eval_from_task1: bool = False
     lr_patience: int = 5
     lr_factor: float = 3.0
     lr_min: float = 1e-4
@@ -48,6 +58,10 @@ class Preset:
     METHOD_HPARAMS = ("F_prior",)
     #: method hyper-parameters the authors set for BLIP only (None: the method's default)
     BLIP_HPARAMS = ("fisher_batches", "fisher_batch_size")
+    #: the architecture options and the model each belongs to: reset to their defaults
+    #: when a preset is asked for another model than its own
+    ARCH_OPTIONS = {"fc1_width": "alexnet", "fc2_width": "alexnet", "fc_dropout": "alexnet",
+                    "pool_window": "resnet18"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,15 +120,18 @@ PRESETS: dict[str, Preset] = {
     "pmnist": Preset(lr=0.01, batch_size=64, F_prior=1e-15, hidden=1200, n_hidden_layers=1,
                      **AUTHORS, note="authors' README/run_mnist.sh pmnist command"),
     # README / IC/run_cifar_alt.sh: --experiment cifar --lr 0.05 --sbatch 32 --F-prior 5e-16
-    # --mul 2 (q_alexnet, IC/run_blip.py:84-85). Their fc layers stay 2048 wide for cifar
-    # (IC/networks/q_alexnet.py:39-41) where blip's AlexNet scales them by --mul (4096):
-    # a known difference of blip.models.AlexNet. The authors' cifar loader is not in their
-    # repository: split (10% valid) and normalisation (CIFAR mean/std) are ours.
+    # --mul 2 (q_alexnet, IC/run_blip.py:84-85). Their cifar net scales the convs by --mul
+    # (round(64/128/256 * mul), IC/networks/q_alexnet.py:21-27) but keeps fc 2048 -> 2048
+    # (q_alexnet.py:39-41); dropout 0.2 everywhere (q_alexnet.py:33-34). The authors' cifar
+    # loader is not in their repository: split (10% valid) and normalisation (CIFAR
+    # mean/std) are ours.
     "cifar-alt": Preset(model="alexnet", lr=0.05, batch_size=32, F_prior=5e-16, width=2.0,
-                        **AUTHORS, note="authors' README/run_cifar_alt.sh command; fc "
-                                        "widths and split differ (see presets.py)"),
+                        fc1_width=2048, fc2_width=2048,
+                        **AUTHORS, note="authors' README/run_cifar_alt.sh command; split "
+                                        "ours (see presets.py)"),
     # README / IC/run_mixture.sh: --experiment mixture5 --lr 0.05 --sbatch 32 --F-prior 5e-17
-    # --mul 0.8 --seed 0; fc widths scale by --mul here (q_alexnet.py:36-38), as blip's.
+    # --mul 0.8 --seed 0; convs and fc widths scale by --mul here (round(2048 * mul),
+    # q_alexnet.py:21-27, 36-38), dropout 0.2: blip's AlexNet defaults.
     # Loader as theirs (IC/dataloaders/mixture5.py): task order shuffled by the seed, 15%
     # of train held out (mixture5.py:15), their per-dataset mean/std; notMNIST's test split
     # comes from their download, ours is a seeded 1/5 of notMNIST_small.
@@ -124,26 +141,30 @@ PRESETS: dict[str, Preset] = {
     # --sbatch 32 --seed 0 --ntasks 20 --arch alexnet; ResNet-18: --F-prior 1e-16 --mul 1.5
     # (MODEL_PRESETS). Fisher: 100 batches of 10 (MI/dataloaders/miniimagenet.py fisher_loader
     # batch_size=10; MI/approaches/blip_utils.py estimate_fisher stops at 100 batches and
-    # divides by total_data = 1000). Their AlexNet here has fc 2048 -> 512 and dropout 0.5
-    # after conv3 and the fcs (MI/networks/q_alexnet.py:33-37): blip's AlexNet does not
-    # (fc 2048 x --mul, dropout 0.2): a known difference. From task 1 on their train_epoch
-    # puts every BatchNorm in eval mode (MI/approaches/blip.py, train_epoch: ResNet-18's
-    # statistics frozen); blip's trainer keeps them in train mode: a known difference.
+    # divides by total_data = 1000). Their q_alexnet here: convs as cifar's, fc 2048 -> 512
+    # (MI/networks/q_alexnet.py:36-37), dropout 0.2 after conv1/conv2 (drop1, :33) and 0.5
+    # after conv3, fc1, fc2 (drop2, :34, 42-45). Their baselines run another net
+    # (MI/run_baselines.py: networks/alexnet.py, the same layers with drop2 0.2): a
+    # baseline run on this preset keeps BLIP's 0.5. From task 1 on their train_epoch puts
+    # every BatchNorm in eval mode (MI/approaches/blip.py:91-95; ResNet-18's statistics
+    # frozen, no BatchNorm in the AlexNet).
     # Loader: see full.miniimagenet (their images are read with cv2, i.e. BGR, and normalised
     # with the RGB ImageNet statistics; their train.pkl/test.pkl keep that order here).
     "miniimagenet": Preset(model="alexnet", lr=0.01, batch_size=32, F_prior=5e-16, width=1.0,
+                           fc1_width=2048, fc2_width=512, fc_dropout=0.5,
+                           batchnorm_eval_from_task1=True,
                            fisher_batches=100, fisher_batch_size=10, **AUTHORS,
-                           note="authors' README mini-ImageNet AlexNet command; AlexNet "
-                                "fc/dropout differ (see presets.py)"),
+                           note="authors' README mini-ImageNet AlexNet command"),
 }
 
-# Benchmark-and-model pairs whose published values differ from the benchmark's preset.
+# Benchmark-and-model pairs whose published values differ from the benchmark's preset
+# (the benchmark's architecture options are reset first: they belong to its own model).
 # ResNet-18 on mini-ImageNet: README --F-prior 1e-16 --mul 1.5 (channels int(64*1.5) = 96,
-# as blip's int(c * width)). Their head input is F.avg_pool2d(out, 4) of the 6 x 6 map of an
-# 84 x 84 image (MI/networks/q_resnet.py, ResNet.forward): the mean of its top-left 4 x 4
-# window only; blip's ResNet18 averages the whole map: a known difference.
+# as blip's int(c * width)). Their head input is F.avg_pool2d(out, 4) of the 6 x 6 map of
+# an 84 x 84 image (MI/networks/q_resnet.py:77): the mean of its top-left 4 x 4 window,
+# pool_window=4. BatchNorm in eval mode from task 1: the benchmark preset's.
 MODEL_PRESETS: dict[tuple[str, str], dict] = {
-    ("miniimagenet", "resnet18"): {"F_prior": 1e-16, "width": 1.5},
+    ("miniimagenet", "resnet18"): {"F_prior": 1e-16, "width": 1.5, "pool_window": 4},
 }
 
 
@@ -152,5 +173,6 @@ def get_preset(benchmark: str, model: str | None = None) -> Preset:
         raise ValueError(f"no preset for benchmark {benchmark!r}; known: {', '.join(PRESETS)}")
     p = PRESETS[benchmark]
     if model is not None and model != p.model:
-        p = replace(p, model=model, **MODEL_PRESETS.get((benchmark, model), {}))
+        defaults = {k: getattr(Preset, k) for k in Preset.ARCH_OPTIONS}
+        p = replace(p, model=model, **{**defaults, **MODEL_PRESETS.get((benchmark, model), {})})
     return p

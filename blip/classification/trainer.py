@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import validate
 from ..methods import METHODS, Method, make_method, method_class
+from ..modes import batchnorm_eval
 from ..nn import load_state_dict_atomic
 from ..runs import checkpoint as ckpt
 from ..runs import metrics
@@ -64,6 +65,13 @@ class TrainConfig:
     hidden: int = 100
     n_hidden_layers: int = 1
     width: float = 1.0
+    # architecture options (blip.models; None: the model's default) and BatchNorm in eval
+    # mode from task 1 on: see blip.classification.presets.Preset
+    fc1_width: int | None = None
+    fc2_width: int | None = None
+    fc_dropout: float | None = None
+    pool_window: int | None = None
+    batchnorm_eval_from_task1: bool = False
     lr_patience: int = 5
     lr_factor: float = 3.0
     lr_min: float = 1e-4
@@ -83,7 +91,12 @@ class TrainConfig:
     # Keys that change the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
                    "n_hidden_layers", "width", "lr_patience", "lr_factor", "lr_min",
-                   "momentum", "seed", "n_tasks", "method_kwargs", "stop_on_nonfinite")
+                   "momentum", "seed", "n_tasks", "method_kwargs", "stop_on_nonfinite",
+                   "fc1_width", "fc2_width", "fc_dropout", "pool_window",
+                   "batchnorm_eval_from_task1")
+    # what a config written before these settings existed ran with
+    ARCH_DEFAULTS = {"fc1_width": None, "fc2_width": None, "fc_dropout": None,
+                     "pool_window": None, "batchnorm_eval_from_task1": False}
 
     @classmethod
     def from_preset(cls, benchmark: str, model: str | None = None, **overrides: Any) -> TrainConfig:
@@ -104,7 +117,9 @@ class TrainConfig:
     @classmethod
     def upgrade(cls, saved: dict[str, Any]) -> dict[str, Any]:
         """A saved config (checkpoint, results.json) in today's layout: configs written
-        before F_prior/max_bit became method hyper-parameters held them at the top level."""
+        before F_prior/max_bit became method hyper-parameters held them at the top level;
+        those written before the architecture options get the models' defaults."""
+        saved = {**cls.ARCH_DEFAULTS, **saved}
         if not any(k in saved for k in Preset.METHOD_HPARAMS + ("max_bit",)):
             return saved
         saved = dict(saved)
@@ -144,6 +159,7 @@ class TrainConfig:
         for k in ("benchmark", "method", "model", "device"):
             if not isinstance(getattr(self, k), str):
                 raise ValueError(f"{k} must be a string; got {getattr(self, k)!r}")
+        self._validate_arch()
         if not isinstance(self.stop_on_nonfinite, bool):
             raise ValueError(f"stop_on_nonfinite must be True or False; got "
                              f"{self.stop_on_nonfinite!r}")
@@ -153,6 +169,21 @@ class TrainConfig:
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available here")
+
+    def _validate_arch(self) -> None:
+        """The architecture options: their types and ranges, and only the model's own."""
+        V = validate
+        for k in ("fc1_width", "fc2_width", "pool_window"):
+            V.optional_int(k, getattr(self, k), 1)
+        if self.fc_dropout is not None:
+            V.number("fc_dropout", self.fc_dropout, lo=0.0, hi=1.0, hi_open=True)
+        if not isinstance(self.batchnorm_eval_from_task1, bool):
+            raise ValueError(f"batchnorm_eval_from_task1 must be True or False; got "
+                             f"{self.batchnorm_eval_from_task1!r}")
+        for k, model in Preset.ARCH_OPTIONS.items():  # refused rather than silently ignored
+            if getattr(self, k) is not None and self.model != model:
+                raise ValueError(f"{k}={getattr(self, k)!r} applies to model {model!r} only, "
+                                 f"not {self.model!r} (leave {k} None)")
 
 
 def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
@@ -166,9 +197,11 @@ def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
         raise ValueError(f"model {cfg.model!r} needs image inputs (C, H, W); benchmark "
                          f"{cfg.benchmark!r} gives {stream.input_shape}")
     if cfg.model == "alexnet":
-        return models.AlexNet(stream.input_shape, cpt, width=cfg.width)
+        return models.AlexNet(stream.input_shape, cpt, width=cfg.width, fc1_width=cfg.fc1_width,
+                              fc2_width=cfg.fc2_width, fc_dropout=cfg.fc_dropout)
     if cfg.model == "resnet18":
-        return models.ResNet18(stream.input_shape, cpt, width=cfg.width)
+        return models.ResNet18(stream.input_shape, cpt, width=cfg.width,
+                               pool_window=cfg.pool_window)
     raise ValueError(f"unknown model {cfg.model!r}; choose mlp, alexnet or resnet18")
 
 
@@ -250,6 +283,8 @@ class Trainer(Runner):
         perm = torch.randperm(len(y_train), generator=g).to(self.device)
         method.before_epoch(t, epoch)
         net.train()
+        if cfg.batchnorm_eval_from_task1 and t > 0:
+            batchnorm_eval(net)  # the statistics of task 0 normalise and stay
         steps = 0
         for i in range(0, len(y_train), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
