@@ -15,6 +15,10 @@ import io
 import json
 import pickle
 import shutil
+import struct
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,8 @@ from blip.classification.data import DataFormatError, load_benchmark
 from blip.classification.data.formats import read_cifar_batch
 from blip.classification.trainer import TrainConfig, Trainer
 from blip.runs.safeload import CheckpointError, RestrictedUnpickler, from_plain, to_plain
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Payload:
@@ -256,3 +262,126 @@ def test_disk_full_is_one_line_error_and_files_agree(tmp_path: Path, capsys,  # 
     assert ckpt.load(out / "checkpoint.pt")["task"] == 0
     assert json.loads((out / "results.json").read_text())["tasks_done"] == 1
     assert not list(out.glob(".*.tmp"))
+
+
+# -- numpy builds nothing while a data pickle is read (review of issue 11) -----------------
+#
+# Each file is crafted opcode by opcode (pickle.dumps cannot write these) and read in a
+# subprocess, so a crash (the out-of-bounds read was a SIGSEGV) fails the test.
+
+
+def _op_str(s: str) -> bytes:  # BINUNICODE
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def _op_bytes(b: bytes) -> bytes:  # SHORT_BINBYTES / BINBYTES
+    return (b"C" + bytes([len(b)]) if len(b) < 256 else b"B" + struct.pack("<I", len(b))) + b
+
+
+def _op_int(i: int) -> bytes:  # BININT
+    return b"J" + struct.pack("<i", i)
+
+
+def _dtype_op(typestr: str, memo: int | None = None) -> bytes:
+    """numpy.dtype(typestr, False, True), optionally memoized at ``memo``."""
+    p = b"cnumpy\ndtype\n" + _op_str(typestr) + b"\x89\x88\x87R"
+    return p + (b"q" + bytes([memo]) if memo is not None else b"")
+
+
+def _dtype_state(order: str = "|", elsize: int = -1, flags: int = 0) -> bytes:
+    return (b"(K\x03" + _op_str(order) + b"NNN" + _op_int(elsize) + _op_int(-1)
+            + _op_int(flags) + b"t")
+
+
+def _array_op(shape: tuple[int, ...], dtype: bytes, raw: bytes = b"",
+              raw_op: bytes | None = None) -> bytes:
+    """_reconstruct(ndarray, (0,), b'b') then BUILD (1, shape, dtype, False, raw); the
+    raw data as ``raw_op`` (opcodes) if given."""
+    p = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + _op_bytes(b"b")
+    p += b"\x87R(K\x01(" + b"".join(_op_int(n) for n in shape) + b"t" + dtype + b"\x89"
+    return p + (_op_bytes(raw) if raw_op is None else raw_op) + b"tb"
+
+
+def _batch(data: bytes, prefix: bytes = b"") -> bytes:
+    """{b'data': <data>, b'labels': [1]} at protocol 2 (``prefix`` runs first)."""
+    return (b"\x80\x02" + prefix + b"}" + _op_bytes(b"data") + data + b"s"
+            + _op_bytes(b"labels") + b"]K\x01as.")
+
+
+def _crafted(kind: str) -> bytes:
+    u1 = _dtype_op("u1") + _dtype_state() + b"b"
+    if kind == "oob-shared-dtype":
+        # an array built on a memoized dtype, then a second BUILD grows the dtype's item
+        # size under the array: numpy then reads 2**26 bytes per item (SIGSEGV before)
+        pre = _dtype_op("u1", memo=1) + _dtype_state() + b"b0"
+        data = _array_op((2,), b"h\x01", b"AA")
+        return _batch(b"]" + data + b"a", pre)[:-2] + b"h\x01" + _dtype_state(
+            elsize=1 << 26) + b"b0s."
+    if kind == "oob-void":  # the reviewer's form: a V8 dtype
+        pre = _dtype_op("V8", memo=1) + _dtype_state(elsize=8) + b"b0"
+        return _batch(_array_op((2,), b"h\x01", b"A" * 16), pre)
+    if kind == "dtype-flags":  # flags claiming Python objects (hasobject) on a numeric dtype
+        return _batch(_array_op((1, 3072), _dtype_op("u1") + _dtype_state(flags=0x3F) + b"b",
+                                b"A" * 3072))
+    if kind == "object-reconstruct":  # _reconstruct(ndarray, (3,), 'O'): an object array
+        return _batch(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x03\x85"
+                      + _op_str("O") + b"\x87R")
+    if kind == "object-ndarray":  # ndarray((3,), 'O')
+        return _batch(b"cnumpy\nndarray\nK\x03\x85" + _op_str("O") + b"\x86R")
+    if kind == "object-state":  # a numeric-looking array whose state holds an object dtype
+        return _batch(_array_op((2,), _dtype_op("O8") + _dtype_state() + b"b", b"x" * 16))
+    if kind == "shape-bomb":  # 30 GB from a ~150-byte file
+        return _batch(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+                      + _op_int(10_000_000) + _op_int(3072) + b"\x86" + _op_str("u1")
+                      + b"\x87R")
+    if kind == "size-mismatch":  # a shape the data cannot fill
+        return _batch(_array_op((100, 3072), u1, b"A" * 16))
+    if kind == "memo-amplified":  # one 64 KiB bytes object behind 100 arrays
+        raw = b"B" + struct.pack("<I", 65536) + b"\0" * 65536 + b"q\x02"  # memo 2
+        first = _array_op((65536,), u1, raw_op=raw)
+        more = _array_op((65536,), u1, raw_op=b"h\x02")
+        return _batch(b"]" + first + b"a" + (more + b"a") * 99)
+    raise AssertionError(kind)
+
+
+CRAFTED = ["oob-shared-dtype", "oob-void", "dtype-flags", "object-reconstruct",
+           "object-ndarray", "object-state", "shape-bomb", "size-mismatch", "memo-amplified"]
+
+
+@pytest.mark.parametrize("kind", CRAFTED)
+def test_crafted_numpy_pickle_is_a_clear_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(_crafted(kind))
+    script = textwrap.dedent(f"""
+        from blip.classification.data.formats import read_cifar_batch
+        try:
+            x, y = read_cifar_batch({str(path)!r})
+        except Exception as e:
+            print("ERROR:", type(e).__name__, e)
+        else:
+            print("NO ERROR", x.shape, x.dtype)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    out = proc.stdout.strip()
+    assert out.startswith("ERROR: DataFormatError") and str(path) in out, out
+    assert "refusing" in out and len(out.splitlines()) == 1, out
+
+
+def test_py2_era_cifar_batch_loads(tmp_path: Path) -> None:
+    """The real CIFAR-10 batches come from Python 2 numpy: typestr and data as py2 str
+    (bytes under encoding="bytes"), dtype args 0/1 rather than False/True."""
+    def s(b: bytes) -> bytes:  # SHORT_BINSTRING / BINSTRING: a py2 str
+        return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<I", len(b))) + b
+
+    x = np.random.RandomState(1).randint(0, 256, (2, 3072)).astype(np.uint8)
+    dt = b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R(K\x03" + s(b"|") + b"NNN" \
+        + _op_int(-1) + _op_int(-1) + b"K\x00tb"
+    arr = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b")
+           + b"\x87R(K\x01K\x02M\x00\x0c\x86" + dt + b"\x89" + s(x.tobytes()) + b"tb")
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(b"\x80\x02}" + s(b"data") + arr + b"s" + s(b"labels") + b"](K\x03K\x07es.")
+    xr, yr = read_cifar_batch(p)
+    assert np.array_equal(xr.reshape(2, -1), x) and yr.tolist() == [3, 7]
