@@ -500,7 +500,7 @@ def decode_checkpoint(data: bytes, path: str | os.PathLike, *,
             header = json.loads(data[len(MAGIC):end]) if end > 0 else None
             size, digest = int(header["bytes"]), str(header["sha256"])
             fmt = int(header["format"])
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, ArithmeticError):  # "bytes": 1e999 -> inf
             raise CheckpointError(f"checkpoint {path} has a corrupt header") from None
         if fmt > FORMAT:
             raise CheckpointError(f"checkpoint {path} has format {fmt}, newer than this blip's "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -193,7 +194,8 @@ def test_flipped_byte_is_detected(run_dir: Path, tmp_path: Path) -> None:
         ckpt.load(d / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("content", ["random", "empty-dict", "plain-empty-dict", "truncated"])
+@pytest.mark.parametrize("content", ["random", "empty-dict", "plain-empty-dict", "truncated",
+                                     "huge-bytes"])
 def test_malformed_checkpoint_is_one_line_error(run_dir: Path, tmp_path: Path, capsys,  # noqa: ANN001
                                                 content: str) -> None:
     d = _copy(run_dir, tmp_path)
@@ -204,6 +206,8 @@ def test_malformed_checkpoint_is_one_line_error(run_dir: Path, tmp_path: Path, c
         ckpt.save_atomic({}, p)
     elif content == "plain-empty-dict":
         torch.save({}, p)
+    elif content == "huge-bytes":  # int(1e999): OverflowError before
+        p.write_bytes(b'BLIP-CHECKPOINT\n{"format": 2, "bytes": 1e999, "sha256": "0"}\nxx')
     else:
         p.write_bytes(p.read_bytes()[:1000])
     rc = cli.main(["train", "--benchmark", "pdigits", "--n-tasks", "2", "--epochs", "1",
@@ -229,15 +233,68 @@ def test_plain_codec_round_trips_numpy() -> None:
 # -- writes: stale temps, disk full, order -------------------------------------------------
 
 
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)  # that process has exited (and pids are not reused at once)
+
+
 def test_stale_temp_files_are_removed_on_next_write(tmp_path: Path) -> None:
-    stale = [tmp_path / ".checkpoint.pt.k1ll3d.tmp", tmp_path / ".checkpoint.pt.x.tmp"]
+    stale = [tmp_path / ".checkpoint.pt.k1ll3d.tmp",  # an older blip's (no pid)
+             tmp_path / f".checkpoint.pt.p{_dead_pid()}.x1y2z3.tmp"]  # its writer is gone
     for s in stale:
         s.write_bytes(b"\0" * 100)
-    other = tmp_path / ".results.json.abc.tmp"  # another file's temp: not ours to remove
-    other.write_text("{")
+    others = [tmp_path / ".results.json.abc.tmp",  # another file's temp: not ours to remove
+              tmp_path / ".checkpoint.pt.bak.p1.abc.tmp",  # nor checkpoint.pt.bak's
+              # a live writer's (this process: e.g. another thread writing the same file)
+              tmp_path / f".checkpoint.pt.p{os.getpid()}.live12.tmp"]
+    for o in others:
+        o.write_text("{")
     ckpt.save_atomic({"a": 1}, tmp_path / "checkpoint.pt")
-    assert not any(s.exists() for s in stale) and other.exists()
+    assert not any(s.exists() for s in stale) and all(o.exists() for o in others)
     assert ckpt.load(tmp_path / "checkpoint.pt")["a"] == 1
+
+
+def test_live_writers_temp_survives_another_process_write(tmp_path: Path) -> None:
+    # a writer in another live process (here: blocked until we let it finish)
+    script = textwrap.dedent("""
+        import sys, blip.runs.checkpoint as ckpt
+        def slow(f, data):
+            f.write(data); print("writing", flush=True); sys.stdin.readline()
+        ckpt._write_bytes = slow
+        ckpt.write_text_atomic(sys.argv[1], "x")
+    """)
+    target = tmp_path / "results.json"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        temps = list(tmp_path.glob(".results.json.*.tmp"))
+        assert len(temps) == 1
+        ckpt.write_text_atomic(target, "y")  # must not delete the other writer's temp
+        assert temps[0].exists()
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0 and target.read_text() == "x"
+
+
+def test_atomic_writes_get_the_umask_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        ckpt.write_text_atomic(tmp_path / "results.json", "{}")
+        ckpt.save_atomic({"a": 1}, tmp_path / "checkpoint.pt")
+        os.umask(0o077)
+        ckpt.write_text_atomic(tmp_path / "private.csv", "a")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644  # as a PNG gets
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600
+
+
+def _temp_name(f) -> str:  # noqa: ANN001 - the temp file an atomic write is filling
+    return os.readlink(f"/proc/self/fd/{f.fileno()}")
 
 
 def test_disk_full_is_one_line_error_and_files_agree(tmp_path: Path, capsys,  # noqa: ANN001
@@ -245,7 +302,7 @@ def test_disk_full_is_one_line_error_and_files_agree(tmp_path: Path, capsys,  # 
     real, files = ckpt._write_bytes, []
 
     def full_on_second(f, data: bytes) -> None:  # noqa: ANN001
-        if f not in files:
+        if ".checkpoint.pt." in _temp_name(f) and f not in files:  # text files come here too
             files.append(f)
         if len(files) == 2:  # the checkpoint after task 1
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -385,3 +442,22 @@ def test_py2_era_cifar_batch_loads(tmp_path: Path) -> None:
     p.write_bytes(b"\x80\x02}" + s(b"data") + arr + b"s" + s(b"labels") + b"](K\x03K\x07es.")
     xr, yr = read_cifar_batch(p)
     assert np.array_equal(xr.reshape(2, -1), x) and yr.tolist() == [3, 7]
+
+
+def test_disk_full_on_results_is_one_line_error(tmp_path: Path, capsys,  # noqa: ANN001
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    real = ckpt._write_bytes
+
+    def full_on_text(f, data: bytes) -> None:  # noqa: ANN001
+        if ".results.json." in _temp_name(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(ckpt, "_write_bytes", full_on_text)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--benchmark", "pdigits", "--n-tasks", "2", "--epochs", "1",
+                   "--quiet", "--no-plots", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "No space left on device" in err and str(out / "results.json") in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (out / "results.json").exists() and not list(out.glob(".*.tmp"))
