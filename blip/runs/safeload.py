@@ -349,7 +349,8 @@ class _Rebuilder:
             dt = obj.dtype.canonical()
             if len(obj.raw) != dt.itemsize:
                 raise _refuse(f"a numpy scalar of {dt} from {len(obj.raw)} bytes")
-            out = self.done[key] = np.frombuffer(bytes(obj.raw), dt)[0]
+            value = np.frombuffer(bytes(obj.raw), dt)
+            out = self.done[key] = (value.view(np.uint8) != 0 if dt.kind == "b" else value)[0]
         elif t is _DtypeStub:
             out = self.done[key] = obj.canonical()
         elif t is _NdarrayClass:
@@ -398,7 +399,9 @@ class _Rebuilder:
         self.budget[0] -= len(a.raw)
         if self.budget[0] < 0:
             raise _refuse(f"numpy arrays totalling more than {MAX_EXPANSION}x the file's size")
-        return np.frombuffer(a.raw, dt, count).reshape(shape, order=a.order).copy(order="K")
+        out = np.frombuffer(a.raw, dt, count).reshape(shape, order=a.order)
+        # numpy bools are bytes that must hold 0 or 1: any other byte becomes True
+        return out.view(np.uint8) != 0 if dt.kind == "b" else out.copy(order="K")
 
 
 def load_pickle(f: IO[bytes], path: str | os.PathLike, *, encoding: str = "bytes",

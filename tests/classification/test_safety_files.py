@@ -461,3 +461,11 @@ def test_disk_full_on_results_is_one_line_error(tmp_path: Path, capsys,  # noqa:
     assert rc == 2 and "No space left on device" in err and str(out / "results.json") in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (out / "results.json").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_bool_arrays_hold_only_true_and_false() -> None:
+    # a bool array's bytes are the file's: 0x41 must read as True (1), never as 65
+    b1 = _dtype_op("b1") + _dtype_state() + b"b"
+    data = b"\x80\x02" + _array_op((3,), b1, b"\x00\x41\x01") + b"."
+    a = RestrictedUnpickler(io.BytesIO(data)).load()
+    assert a.dtype == np.bool_ and a.view(np.uint8).tolist() == [0, 1, 1]
