@@ -41,6 +41,21 @@ def _check_buffers(name: str, p: Tensor, prev: Tensor, bits: Tensor) -> None:
                          f"uint8 bits buffers; got {prev.dtype}/{bits.dtype}")
 
 
+def _check_step_tensors(name: str, p: Tensor, grad: Tensor, buf: Tensor | None) -> None:
+    """The gradient and momentum buffer of ``p`` fit it (the kernels index all of them
+    with p's size): a ``.grad.data = ...`` or a swapped buffer is a clear error."""
+    for what, t, dtype in (("gradient", grad, p.dtype), ("momentum buffer", buf, torch.float32)):
+        if t is None:
+            continue
+        if t.shape != p.shape or t.dtype != dtype or t.device != p.device \
+                or t.layout != torch.strided:
+            raise ValueError(
+                f"ConstrainedSGD: the {what} of parameter {name!r} is {tuple(t.shape)} "
+                f"{str(t.dtype).replace('torch.', '')} on {t.device}; it must be "
+                f"{tuple(p.shape)} {str(dtype).replace('torch.', '')} on {p.device} like "
+                f"the parameter")
+
+
 _UNPLANNED = object()  # a parameter _targets has not seen yet
 
 
@@ -67,7 +82,7 @@ class _Call:
         self.bits.append(bits)
         self.bounds.append(bound)
 
-    def add_momentum_buffer(self, state: dict, p: Tensor, dampening: float) -> None:
+    def add_momentum_buffer(self, state: dict, p: Tensor, dampening: float) -> Tensor:
         buf = state.get("momentum_buffer")
         if buf is None:
             # torch's first step sets buf = g; 0·momentum + (1-0)·g is exactly g.
@@ -83,6 +98,7 @@ class _Call:
             if isinstance(self.damps, list):
                 self.damps.append(dampening)
         self.bufs.append(buf)
+        return buf
 
 
 class ConstrainedSGD(torch.optim.Optimizer):
@@ -131,8 +147,8 @@ class ConstrainedSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._constraints = _constraint_map(model)
         self._plans: dict[Tensor, tuple[dict, str, str, float, int, str] | None] = {}
-        # parameter -> (signature: addresses and shapes, storages) at its last full
-        # validation. Holding the storages keeps their addresses from being reused by a
+        # parameter -> (signature: addresses and shapes, storages, dtype, device) at its last
+        # full validation. Holding the storages keeps their addresses from being reused by a
         # later allocation, so a changed buffer always shows as a changed address.
         self._checked: dict[Tensor, tuple] = {}
         self._skipped: list[Tensor] = []
@@ -172,6 +188,34 @@ class ConstrainedSGD(torch.optim.Optimizer):
         """Elements skipped for a NaN/Inf gradient since construction (one sync)."""
         self._fold_skipped()
         return sum(int(t) for t in self._skipped)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, after checking every momentum buffer against its parameter (torch
+        casts dtype and device but not shape; a buffer of another model's size would be
+        indexed with this parameter's). Nothing is assigned if a buffer is refused."""
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if isinstance(groups, list) and isinstance(state, dict) \
+                and len(groups) == len(self.param_groups):
+            names = {p: q for p, (_, _, q) in self._constraints.items()}
+            for saved, group in zip(groups, self.param_groups, strict=True):
+                ids = saved.get("params") if isinstance(saved, dict) else None
+                if not isinstance(ids, list) or len(ids) != len(group["params"]):
+                    break  # torch's own load says what is wrong
+                for pid, p in zip(ids, group["params"], strict=True):
+                    entry = state.get(pid)
+                    buf = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+                    if buf is None:
+                        continue
+                    name = names.get(p, f"#{pid}")
+                    if not isinstance(buf, Tensor) or buf.layout != torch.strided \
+                            or not buf.is_floating_point() or buf.shape != p.shape:
+                        got = (f"{tuple(buf.shape)} {buf.dtype}" if isinstance(buf, Tensor)
+                               else type(buf).__name__)
+                        raise ValueError(
+                            f"ConstrainedSGD.load_state_dict: the momentum buffer of parameter "
+                            f"{name!r} is {got}; it must be a floating tensor of the "
+                            f"parameter's shape {tuple(p.shape)} (a state of another model?)")
+        super().load_state_dict(state_dict)
 
     def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
         loss = None
@@ -243,25 +287,34 @@ class ConstrainedSGD(torch.optim.Optimizer):
             call = calls.get(key)
             if call is None:
                 call = calls[key] = _Call(dampening)
-            if momentum != 0:
-                call.add_momentum_buffer(self.state[p], p, dampening)
+            buf = call.add_momentum_buffer(self.state[p], p, dampening) if momentum else None
             # The first step of a parameter (in this optimizer object) checks everything,
             # bits <= max_bit included; later ones only compare a signature of what the
             # kernels rely on and a user can change between steps (p.data = ..., layer.to(),
-            # a buffer swapped or sliced): addresses and sizes (a new dtype or device means
-            # new storage, hence a new address). Inline: ~0.8 µs a parameter. So a changed
-            # parameter or buffer is re-validated (bits <= max_bit too, in _constrained_step)
-            # and a misfit is a clear error, not an out-of-bounds write. Bits only change in
-            # place through update_bits_, which caps them, and load_state_dict, which checks
-            # them.
+            # a buffer swapped or sliced, a momentum buffer replaced): addresses and sizes
+            # (a new dtype or device means new storage, hence a new address, as the storages
+            # checked last are held). Inline: ~1 µs a parameter. So a changed parameter or
+            # buffer is re-validated (bits <= max_bit too, in _constrained_step) and a misfit
+            # is a clear error, not an out-of-bounds access. Bits only change in place
+            # through update_bits_, which caps them, and load_state_dict, which checks them.
             prev_t, bits_t = buffers[prev_key], buffers[bits_key]
-            sig = (p.data_ptr(), prev_t.data_ptr(), bits_t.data_ptr(), p.shape, prev_t.shape,
-                   bits_t.shape)
+            shape = p.shape
+            sig = (p.data_ptr(), prev_t.data_ptr(), bits_t.data_ptr(), shape, prev_t.shape,
+                   bits_t.shape) if buf is None else (
+                p.data_ptr(), prev_t.data_ptr(), bits_t.data_ptr(), shape, prev_t.shape,
+                bits_t.shape, buf.data_ptr(), buf.shape)
             last = checked.get(p)
             if last is None or last[0] != sig:
                 _check_buffers(qualified, p, prev_t, bits_t)
-                call.unchecked.append((p, (sig, (p.untyped_storage(), prev_t.untyped_storage(),
-                                                 bits_t.untyped_storage()))))
+                _check_step_tensors(qualified, p, grad, buf)
+                held = (p.untyped_storage(), prev_t.untyped_storage(), bits_t.untyped_storage(),
+                        None if buf is None else buf.untyped_storage())
+                call.unchecked.append((p, (sig, held, p.dtype, p.device)))
+            # The gradient is new every step after zero_grad(set_to_none=True), so it is
+            # compared with the parameter directly, not by address (~0.5 µs): the kernels
+            # index it with p's size (grad.data = torch.ones(1) was a SIGSEGV).
+            elif grad.shape != shape or grad.dtype is not last[2] or grad.device != last[3]:
+                _check_step_tensors(qualified, p, grad, None)
             call.add(p, grad, prev_t, bits_t, bound)
         return plain, plain_grads, calls
 

@@ -23,6 +23,22 @@ FP32_MAX = float(np.finfo(np.float32).max)
 FP32_TINY = float(np.finfo(np.float32).tiny)
 
 
+# Upper bounds of run settings: past them a run cannot work, and the failure would
+# otherwise be an allocation traceback or a foreign library's message naming no option.
+#: seeds go to numpy's RandomState, which takes 0..2**32-1
+MAX_SEED = 2**32 - 1
+#: torch/ALE threads: far above any one machine's cores (torch rejects values past a C int)
+MAX_THREADS = 1024
+#: MLP hidden units: a 65536-wide hidden-to-hidden layer is already 4.3e9 weights (17 GB
+#: fp32, 39 GB with BLIP's 9 bytes of state per weight), past any one device's memory
+MAX_HIDDEN = 2**16
+#: hidden layers of the MLP: the published ones use 1-2; 1024 is already a long build
+MAX_LAYERS = 1024
+#: channel multiplier of AlexNet / ResNet-18: at 16 ResNet-18 holds ~2.9e9 weights (12 GB
+#: fp32), which is as far as one device's memory goes (weights grow as width**2)
+MAX_WIDTH = 16.0
+
+
 def is_number(v: Any) -> bool:
     """A real number that is not a bool (numpy scalars included)."""
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
@@ -75,8 +91,8 @@ def positive32(name: str, v: Any, where: str = "") -> Any:
     return v
 
 
-def optional_int(name: str, v: Any, lo: int, where: str = "") -> Any:
-    return v if v is None else number(name, v, lo=lo, integer=True, where=where)
+def optional_int(name: str, v: Any, lo: int, where: str = "", hi: int | None = None) -> Any:
+    return v if v is None else number(name, v, lo=lo, hi=hi, integer=True, where=where)
 
 
 def check_hparams(method: str, defaults: Mapping[str, Any], values: Mapping[str, Any]) -> None:
@@ -125,5 +141,6 @@ def require_keys(d: Any, keys: tuple[str, ...], path: str | os.PathLike, what: s
     return d
 
 
-__all__ = ["FP32_MAX", "check_hparams", "finite32", "is_int", "is_number", "number",
+__all__ = ["FP32_MAX", "MAX_HIDDEN", "MAX_LAYERS", "MAX_SEED", "MAX_THREADS", "MAX_WIDTH",
+           "check_hparams", "finite32", "is_int", "is_number", "number",
            "optional_int", "positive32", "require_keys", "writable_dir"]

@@ -146,14 +146,16 @@ class TrainConfig:
         hyper-parameters (``method_kwargs``: F_prior, max_bit, ...) are the method's to
         check (:func:`preflight`)."""
         V = validate
-        for k in ("epochs", "batch_size", "hidden", "lr_patience"):
+        for k in ("epochs", "batch_size", "lr_patience"):
             V.number(k, getattr(self, k), lo=1, integer=True)
-        V.number("n_hidden_layers", self.n_hidden_layers, lo=0, integer=True)
-        V.number("seed", self.seed, integer=True)
-        V.optional_int("threads", self.threads, 1)
+        V.number("hidden", self.hidden, lo=1, hi=V.MAX_HIDDEN, integer=True)
+        V.number("n_hidden_layers", self.n_hidden_layers, lo=0, hi=V.MAX_LAYERS, integer=True)
+        V.number("seed", self.seed, lo=0, hi=V.MAX_SEED, integer=True)
+        V.optional_int("threads", self.threads, 1, hi=V.MAX_THREADS)
         V.optional_int("n_tasks", self.n_tasks, 1)
-        for k in ("lr", "lr_min", "width"):
+        for k in ("lr", "lr_min"):
             V.number(k, getattr(self, k), lo=0.0, lo_open=True)
+        V.number("width", self.width, lo=0.0, lo_open=True, hi=V.MAX_WIDTH)
         V.number("lr_factor", self.lr_factor, lo=1.0, lo_open=True)
         V.number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
         for k in ("benchmark", "method", "model", "device"):
@@ -187,6 +189,19 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
+    """The run's network; an allocation failure is a ValueError naming the size settings."""
+    try:
+        return _build_model(cfg, stream)
+    except (MemoryError, RuntimeError) as e:  # within the bounds, still too big for here
+        if not isinstance(e, MemoryError) and "alloc" not in str(e) and "memory" not in str(e):
+            raise
+        size = (f"hidden={cfg.hidden}, n_hidden_layers={cfg.n_hidden_layers}"
+                if cfg.model == "mlp" else f"width={cfg.width}")
+        raise ValueError(f"model {cfg.model!r} with {size} does not fit in memory here "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
     from .. import models
 
     cpt = stream.classes_per_task

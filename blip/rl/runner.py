@@ -123,8 +123,8 @@ class RLConfig:
         if self.games is not None:
             validate.number("games", self.games, lo=1, hi=len(games), integer=True)
         validate.optional_int("eval_max_steps", self.eval_max_steps, 1)
-        validate.optional_int("threads", self.threads, 1)
-        validate.number("seed", self.seed, integer=True)
+        validate.optional_int("threads", self.threads, 1, hi=validate.MAX_THREADS)
+        validate.number("seed", self.seed, lo=0, hi=validate.MAX_SEED, integer=True)
         validate.positive32("F_prior", self.F_prior)
         validate.number("lamb", self.lamb, lo=0.0)  # finite in float32
         if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:

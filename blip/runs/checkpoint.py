@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,23 +39,70 @@ def set_rng_state(state: dict[str, Any]) -> None:
         raise ValueError(f"the checkpoint's RNG state is malformed ({e})") from None
 
 
+_TEMP_PID = re.compile(r"p(\d+)\.[^.]+")  # between ".NAME." and ".tmp"
+
+
+def _writer_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process writing the same file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # PermissionError: alive, another user's
+    return True
+
+
 def _remove_stale_temps(path: Path) -> None:
     """Temp files of earlier writes of ``path`` that a kill left behind (each as big as
-    the file): the next write of the same file removes them."""
+    the file): the next write of the same file removes them, but only those whose writer
+    is gone. The writer's pid is in the temp's name (``.NAME.pPID.RANDOM.tmp``) and is
+    asked with ``os.kill(pid, 0)``: exact on one machine, where an age threshold would
+    either delete a slow live writer's file or keep dead ones for its whole length. (A
+    reused pid keeps a stale temp until that process ends; temps without a pid are an
+    older blip's and are removed as before.)"""
+    prefix = len(path.name) + 2
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
+        rest = stale.name[prefix:-4]
+        m = _TEMP_PID.fullmatch(rest)
+        if m is not None:
+            if not _writer_alive(int(m.group(1))):
+                stale.unlink(missing_ok=True)
+        elif "." not in rest:  # an older blip's temp (no pid)
+            stale.unlink(missing_ok=True)
+        # else the temp of another file whose name starts with ours (NAME.bak): not ours
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing other
+    threads' file creation) where /proc says it, else the one seen at import."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+_IMPORT_UMASK = os.umask(0o022)
+os.umask(_IMPORT_UMASK)
 
 
 def _write_atomic(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
     """Write to a temp file in the same directory, fsync, then os.replace: readers
-    see the old file or the new one, never a torn write. Any OSError (disk full,
-    read-only, a file in the way) is re-raised naming ``path``."""
+    see the old file or the new one, never a torn write. The file gets the usual mode
+    (0666 less the umask, as open() would give; mkstemp makes 0600). Any OSError (disk
+    full, read-only, a file in the way) is re-raised naming ``path``."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.p{os.getpid()}.", suffix=".tmp",
+                                   dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, mode) as f:
                 write(f)
                 f.flush()
@@ -75,7 +123,7 @@ def _write_atomic(path: str | os.PathLike, mode: str, write: Callable[[IO], None
 
 
 def _write_bytes(f: IO, data: bytes) -> None:
-    f.write(data)  # one function, so a test can make the disk "full" here
+    f.write(data)  # every atomic write goes through here, so a test can make the disk "full"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
@@ -85,7 +133,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _write_atomic(path, "w", lambda f: f.write(text))
+    data = text.encode()  # UTF-8 whatever the locale (JSON, CSV, Markdown)
+    _write_atomic(path, "wb", lambda f: _write_bytes(f, data))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,

@@ -36,6 +36,52 @@ def test_train_config_checked_before_training(tmp_path: Path, field: str, value:
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--hidden", "100000000000"], "hidden"), (["--threads", "100000000000000000000"], "threads"),
+    (["--threads", "5000"], "threads"), (["--seed", "-1"], "seed"),
+    (["--seed", str(2**32)], "seed"), (["--width", "1e6"], "width"),
+])
+def test_cli_bounds_named_in_one_line(tmp_path: Path, capsys, extra: list[str],  # noqa: ANN001
+                                      named: str) -> None:
+    # before: an allocation traceback, torch's "Overflow when unpacking long long", numpy's
+    # seed message naming no option, an unbounded width
+    argv = _train(tmp_path / "run", *extra)
+    if named == "width":
+        argv += ["--benchmark", "pmnist", "--model", "alexnet"]
+        argv = argv[:1] + argv[3:]  # the last --benchmark wins; keep one
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{named} must be" in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_rl_seed_and_threads_bounded() -> None:
+    from blip.rl.runner import RLConfig
+
+    for field, value in (("seed", -1), ("seed", 2**32), ("threads", 10**20)):
+        with pytest.raises(ValueError, match=rf"{field} must be an int"):
+            RLConfig(**{field: value}).validate()
+
+
+def test_model_too_big_for_memory_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blip import models
+    from blip.classification import trainer
+
+    def no_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 17179869184 bytes")
+
+    monkeypatch.setattr(models, "MLP", no_memory)
+    cfg = TrainConfig.from_preset("pdigits", hidden=65536, n_tasks=2)
+
+    class Stream:
+        classes_per_task, in_features, input_shape = [2, 2], 64, (64,)
+
+    with pytest.raises(ValueError, match=r"'mlp' with hidden=65536.*does not fit in memory"):
+        trainer.build_model(cfg, Stream())
+
+
 def _train(out: Path, *extra: str) -> list[str]:
     return ["train", "--benchmark", "pdigits", "--n-tasks", "2", "--epochs", "1", "--quiet",
             "--no-plots", "--out", str(out), *extra]

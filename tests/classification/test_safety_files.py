@@ -13,8 +13,13 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import pickle
 import shutil
+import struct
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,8 @@ from blip.classification.data import DataFormatError, load_benchmark
 from blip.classification.data.formats import read_cifar_batch
 from blip.classification.trainer import TrainConfig, Trainer
 from blip.runs.safeload import CheckpointError, RestrictedUnpickler, from_plain, to_plain
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Payload:
@@ -187,7 +194,8 @@ def test_flipped_byte_is_detected(run_dir: Path, tmp_path: Path) -> None:
         ckpt.load(d / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("content", ["random", "empty-dict", "plain-empty-dict", "truncated"])
+@pytest.mark.parametrize("content", ["random", "empty-dict", "plain-empty-dict", "truncated",
+                                     "huge-bytes"])
 def test_malformed_checkpoint_is_one_line_error(run_dir: Path, tmp_path: Path, capsys,  # noqa: ANN001
                                                 content: str) -> None:
     d = _copy(run_dir, tmp_path)
@@ -198,6 +206,8 @@ def test_malformed_checkpoint_is_one_line_error(run_dir: Path, tmp_path: Path, c
         ckpt.save_atomic({}, p)
     elif content == "plain-empty-dict":
         torch.save({}, p)
+    elif content == "huge-bytes":  # int(1e999): OverflowError before
+        p.write_bytes(b'BLIP-CHECKPOINT\n{"format": 2, "bytes": 1e999, "sha256": "0"}\nxx')
     else:
         p.write_bytes(p.read_bytes()[:1000])
     rc = cli.main(["train", "--benchmark", "pdigits", "--n-tasks", "2", "--epochs", "1",
@@ -223,15 +233,68 @@ def test_plain_codec_round_trips_numpy() -> None:
 # -- writes: stale temps, disk full, order -------------------------------------------------
 
 
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)  # that process has exited (and pids are not reused at once)
+
+
 def test_stale_temp_files_are_removed_on_next_write(tmp_path: Path) -> None:
-    stale = [tmp_path / ".checkpoint.pt.k1ll3d.tmp", tmp_path / ".checkpoint.pt.x.tmp"]
+    stale = [tmp_path / ".checkpoint.pt.k1ll3d.tmp",  # an older blip's (no pid)
+             tmp_path / f".checkpoint.pt.p{_dead_pid()}.x1y2z3.tmp"]  # its writer is gone
     for s in stale:
         s.write_bytes(b"\0" * 100)
-    other = tmp_path / ".results.json.abc.tmp"  # another file's temp: not ours to remove
-    other.write_text("{")
+    others = [tmp_path / ".results.json.abc.tmp",  # another file's temp: not ours to remove
+              tmp_path / ".checkpoint.pt.bak.p1.abc.tmp",  # nor checkpoint.pt.bak's
+              # a live writer's (this process: e.g. another thread writing the same file)
+              tmp_path / f".checkpoint.pt.p{os.getpid()}.live12.tmp"]
+    for o in others:
+        o.write_text("{")
     ckpt.save_atomic({"a": 1}, tmp_path / "checkpoint.pt")
-    assert not any(s.exists() for s in stale) and other.exists()
+    assert not any(s.exists() for s in stale) and all(o.exists() for o in others)
     assert ckpt.load(tmp_path / "checkpoint.pt")["a"] == 1
+
+
+def test_live_writers_temp_survives_another_process_write(tmp_path: Path) -> None:
+    # a writer in another live process (here: blocked until we let it finish)
+    script = textwrap.dedent("""
+        import sys, blip.runs.checkpoint as ckpt
+        def slow(f, data):
+            f.write(data); print("writing", flush=True); sys.stdin.readline()
+        ckpt._write_bytes = slow
+        ckpt.write_text_atomic(sys.argv[1], "x")
+    """)
+    target = tmp_path / "results.json"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        temps = list(tmp_path.glob(".results.json.*.tmp"))
+        assert len(temps) == 1
+        ckpt.write_text_atomic(target, "y")  # must not delete the other writer's temp
+        assert temps[0].exists()
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0 and target.read_text() == "x"
+
+
+def test_atomic_writes_get_the_umask_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        ckpt.write_text_atomic(tmp_path / "results.json", "{}")
+        ckpt.save_atomic({"a": 1}, tmp_path / "checkpoint.pt")
+        os.umask(0o077)
+        ckpt.write_text_atomic(tmp_path / "private.csv", "a")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644  # as a PNG gets
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600
+
+
+def _temp_name(f) -> str:  # noqa: ANN001 - the temp file an atomic write is filling
+    return os.readlink(f"/proc/self/fd/{f.fileno()}")
 
 
 def test_disk_full_is_one_line_error_and_files_agree(tmp_path: Path, capsys,  # noqa: ANN001
@@ -239,7 +302,7 @@ def test_disk_full_is_one_line_error_and_files_agree(tmp_path: Path, capsys,  # 
     real, files = ckpt._write_bytes, []
 
     def full_on_second(f, data: bytes) -> None:  # noqa: ANN001
-        if f not in files:
+        if ".checkpoint.pt." in _temp_name(f) and f not in files:  # text files come here too
             files.append(f)
         if len(files) == 2:  # the checkpoint after task 1
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -256,3 +319,153 @@ def test_disk_full_is_one_line_error_and_files_agree(tmp_path: Path, capsys,  # 
     assert ckpt.load(out / "checkpoint.pt")["task"] == 0
     assert json.loads((out / "results.json").read_text())["tasks_done"] == 1
     assert not list(out.glob(".*.tmp"))
+
+
+# -- numpy builds nothing while a data pickle is read (review of issue 11) -----------------
+#
+# Each file is crafted opcode by opcode (pickle.dumps cannot write these) and read in a
+# subprocess, so a crash (the out-of-bounds read was a SIGSEGV) fails the test.
+
+
+def _op_str(s: str) -> bytes:  # BINUNICODE
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def _op_bytes(b: bytes) -> bytes:  # SHORT_BINBYTES / BINBYTES
+    return (b"C" + bytes([len(b)]) if len(b) < 256 else b"B" + struct.pack("<I", len(b))) + b
+
+
+def _op_int(i: int) -> bytes:  # BININT
+    return b"J" + struct.pack("<i", i)
+
+
+def _dtype_op(typestr: str, memo: int | None = None) -> bytes:
+    """numpy.dtype(typestr, False, True), optionally memoized at ``memo``."""
+    p = b"cnumpy\ndtype\n" + _op_str(typestr) + b"\x89\x88\x87R"
+    return p + (b"q" + bytes([memo]) if memo is not None else b"")
+
+
+def _dtype_state(order: str = "|", elsize: int = -1, flags: int = 0) -> bytes:
+    return (b"(K\x03" + _op_str(order) + b"NNN" + _op_int(elsize) + _op_int(-1)
+            + _op_int(flags) + b"t")
+
+
+def _array_op(shape: tuple[int, ...], dtype: bytes, raw: bytes = b"",
+              raw_op: bytes | None = None) -> bytes:
+    """_reconstruct(ndarray, (0,), b'b') then BUILD (1, shape, dtype, False, raw); the
+    raw data as ``raw_op`` (opcodes) if given."""
+    p = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + _op_bytes(b"b")
+    p += b"\x87R(K\x01(" + b"".join(_op_int(n) for n in shape) + b"t" + dtype + b"\x89"
+    return p + (_op_bytes(raw) if raw_op is None else raw_op) + b"tb"
+
+
+def _batch(data: bytes, prefix: bytes = b"") -> bytes:
+    """{b'data': <data>, b'labels': [1]} at protocol 2 (``prefix`` runs first)."""
+    return (b"\x80\x02" + prefix + b"}" + _op_bytes(b"data") + data + b"s"
+            + _op_bytes(b"labels") + b"]K\x01as.")
+
+
+def _crafted(kind: str) -> bytes:
+    u1 = _dtype_op("u1") + _dtype_state() + b"b"
+    if kind == "oob-shared-dtype":
+        # an array built on a memoized dtype, then a second BUILD grows the dtype's item
+        # size under the array: numpy then reads 2**26 bytes per item (SIGSEGV before)
+        pre = _dtype_op("u1", memo=1) + _dtype_state() + b"b0"
+        data = _array_op((2,), b"h\x01", b"AA")
+        return _batch(b"]" + data + b"a", pre)[:-2] + b"h\x01" + _dtype_state(
+            elsize=1 << 26) + b"b0s."
+    if kind == "oob-void":  # the reviewer's form: a V8 dtype
+        pre = _dtype_op("V8", memo=1) + _dtype_state(elsize=8) + b"b0"
+        return _batch(_array_op((2,), b"h\x01", b"A" * 16), pre)
+    if kind == "dtype-flags":  # flags claiming Python objects (hasobject) on a numeric dtype
+        return _batch(_array_op((1, 3072), _dtype_op("u1") + _dtype_state(flags=0x3F) + b"b",
+                                b"A" * 3072))
+    if kind == "object-reconstruct":  # _reconstruct(ndarray, (3,), 'O'): an object array
+        return _batch(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x03\x85"
+                      + _op_str("O") + b"\x87R")
+    if kind == "object-ndarray":  # ndarray((3,), 'O')
+        return _batch(b"cnumpy\nndarray\nK\x03\x85" + _op_str("O") + b"\x86R")
+    if kind == "object-state":  # a numeric-looking array whose state holds an object dtype
+        return _batch(_array_op((2,), _dtype_op("O8") + _dtype_state() + b"b", b"x" * 16))
+    if kind == "shape-bomb":  # 30 GB from a ~150-byte file
+        return _batch(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+                      + _op_int(10_000_000) + _op_int(3072) + b"\x86" + _op_str("u1")
+                      + b"\x87R")
+    if kind == "size-mismatch":  # a shape the data cannot fill
+        return _batch(_array_op((100, 3072), u1, b"A" * 16))
+    if kind == "memo-amplified":  # one 64 KiB bytes object behind 100 arrays
+        raw = b"B" + struct.pack("<I", 65536) + b"\0" * 65536 + b"q\x02"  # memo 2
+        first = _array_op((65536,), u1, raw_op=raw)
+        more = _array_op((65536,), u1, raw_op=b"h\x02")
+        return _batch(b"]" + first + b"a" + (more + b"a") * 99)
+    raise AssertionError(kind)
+
+
+CRAFTED = ["oob-shared-dtype", "oob-void", "dtype-flags", "object-reconstruct",
+           "object-ndarray", "object-state", "shape-bomb", "size-mismatch", "memo-amplified"]
+
+
+@pytest.mark.parametrize("kind", CRAFTED)
+def test_crafted_numpy_pickle_is_a_clear_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(_crafted(kind))
+    script = textwrap.dedent(f"""
+        from blip.classification.data.formats import read_cifar_batch
+        try:
+            x, y = read_cifar_batch({str(path)!r})
+        except Exception as e:
+            print("ERROR:", type(e).__name__, e)
+        else:
+            print("NO ERROR", x.shape, x.dtype)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    out = proc.stdout.strip()
+    assert out.startswith("ERROR: DataFormatError") and str(path) in out, out
+    assert "refusing" in out and len(out.splitlines()) == 1, out
+
+
+def test_py2_era_cifar_batch_loads(tmp_path: Path) -> None:
+    """The real CIFAR-10 batches come from Python 2 numpy: typestr and data as py2 str
+    (bytes under encoding="bytes"), dtype args 0/1 rather than False/True."""
+    def s(b: bytes) -> bytes:  # SHORT_BINSTRING / BINSTRING: a py2 str
+        return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<I", len(b))) + b
+
+    x = np.random.RandomState(1).randint(0, 256, (2, 3072)).astype(np.uint8)
+    dt = b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R(K\x03" + s(b"|") + b"NNN" \
+        + _op_int(-1) + _op_int(-1) + b"K\x00tb"
+    arr = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b")
+           + b"\x87R(K\x01K\x02M\x00\x0c\x86" + dt + b"\x89" + s(x.tobytes()) + b"tb")
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(b"\x80\x02}" + s(b"data") + arr + b"s" + s(b"labels") + b"](K\x03K\x07es.")
+    xr, yr = read_cifar_batch(p)
+    assert np.array_equal(xr.reshape(2, -1), x) and yr.tolist() == [3, 7]
+
+
+def test_disk_full_on_results_is_one_line_error(tmp_path: Path, capsys,  # noqa: ANN001
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    real = ckpt._write_bytes
+
+    def full_on_text(f, data: bytes) -> None:  # noqa: ANN001
+        if ".results.json." in _temp_name(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(ckpt, "_write_bytes", full_on_text)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--benchmark", "pdigits", "--n-tasks", "2", "--epochs", "1",
+                   "--quiet", "--no-plots", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "No space left on device" in err and str(out / "results.json") in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (out / "results.json").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_bool_arrays_hold_only_true_and_false() -> None:
+    # a bool array's bytes are the file's: 0x41 must read as True (1), never as 65
+    b1 = _dtype_op("b1") + _dtype_state() + b"b"
+    data = b"\x80\x02" + _array_op((3,), b1, b"\x00\x41\x01") + b"."
+    a = RestrictedUnpickler(io.BytesIO(data)).load()
+    assert a.dtype == np.bool_ and a.view(np.uint8).tolist() == [0, 1, 1]
