@@ -230,17 +230,19 @@ class Trainer(Runner):
                  batch: int = 1024, method: Method | None = None) -> tuple[float, float]:
         x_all, y_all = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
         net.eval()
-        loss_sum, correct = 0.0, 0
+        # summed on the device (float64, as Python's float): one sync per call, not per batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for i in range(0, len(y_all), batch):
             x = task.inputs(x_all[i:i + batch].to(self.device, non_blocking=True))
             y = y_all[i:i + batch].to(self.device, non_blocking=True)
             # the method may evaluate task t differently (e.g. with task t's mask)
             with method.eval_context(t) if method is not None else contextlib.nullcontext():
                 out = net(x, t)
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
         n = max(len(y_all), 1)
-        return loss_sum / n, correct / n
+        return float(loss_sum) / n, int(correct) / n
 
     def _train_epoch(self, net: nn.Module, method: Method, step: Any,
                      task: TaskData, t: int, epoch: int, x_train: torch.Tensor,
