@@ -162,8 +162,10 @@ class ConstrainedSGD(torch.optim.Optimizer):
     # loop in a profiler record_function (~15-30 µs per step with nothing listening).
 
     def add_param_group(self, param_group: dict) -> None:
-        # torch's own body, without the decorator that imports torch._dynamo
-        torch.optim.Optimizer.add_param_group.__wrapped__(self, param_group)
+        # torch's own body, without the decorator that imports torch._dynamo (functools.wraps
+        # keeps it as __wrapped__; a torch without the decorator has the body itself)
+        body = torch.optim.Optimizer.add_param_group
+        getattr(body, "__wrapped__", body)(self, param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if torch.autograd._profiler_enabled():  # a profiler listens: torch's, with its label

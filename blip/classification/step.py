@@ -121,6 +121,18 @@ class EagerCapture:
         self.fn()
 
 
+def check_capturable(method: type[Method]) -> None:
+    """A graph records the step's device work once; a method whose own per-step hooks
+    (loss, after_backward, after_step) may do host-side work (sampling, Python state) would
+    have it frozen at capture, so only methods using the base hooks are captured."""
+    own = [h for h in ("training_loss", "after_backward", "after_step")
+           if getattr(method, h) is not getattr(Method, h)]
+    if own:
+        raise ValueError(f"compile='cudagraph': method {method.name!r} has its own per-step "
+                         f"hooks ({', '.join(own)}), which a captured graph would freeze; use "
+                         f"compile='inductor' or 'off' for it")
+
+
 class GraphStep:
     """The whole step as a captured graph, one per (input shapes, learning rates).
 
@@ -134,6 +146,7 @@ class GraphStep:
 
     def __init__(self, method: Method, net: nn.Module, opt: torch.optim.Optimizer, t: int,
                  device: torch.device) -> None:
+        check_capturable(type(method))
         self.eager = eager_step(method, net, opt, t)
         self.net, self.opt, self.device = net, opt, device
         self.graphs: dict[tuple, tuple[Capture, Tensor, Tensor, dict[str, Tensor], list]] = {}
@@ -243,4 +256,5 @@ def warm_up(method_name: str, hparams: dict, device: torch.device) -> None:
 
 
 __all__ = ["CHUNK_BYTES", "COMPILE_MODES", "Capture", "CudaCapture", "EagerCapture",
-           "GraphStep", "batches", "compiled_step", "eager_step", "make_step", "warm_up"]
+           "GraphStep", "batches", "check_capturable", "compiled_step", "eager_step",
+           "make_step", "warm_up"]

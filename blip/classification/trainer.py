@@ -43,7 +43,7 @@ from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
 from ..runs.seeds import derive_seed, seed_everything
 from .data import TaskData, TaskStream, load_benchmark
 from .presets import Preset, get_preset
-from .step import COMPILE_MODES, batches, make_step, warm_up
+from .step import COMPILE_MODES, batches, check_capturable, make_step, warm_up
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
@@ -189,6 +189,8 @@ def _check_method(cfg: TrainConfig) -> None:
     from ..models import MLP
 
     make_method(cfg.method, MLP(1, 2, [2]), **method_hparams(cfg))
+    if cfg.compile == "cudagraph":
+        check_capturable(method_class(cfg.method))
 
 
 def preflight(cfg: TrainConfig) -> None:

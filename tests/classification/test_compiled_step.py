@@ -19,7 +19,7 @@ from blip.classification.step import (
     make_step,
     warm_up,
 )
-from blip.classification.trainer import TrainConfig, Trainer
+from blip.classification.trainer import TrainConfig, Trainer, preflight
 from blip.methods import METHODS, make_method
 from blip.models import MLP
 
@@ -153,6 +153,13 @@ def test_trainer_cudagraph_stand_in_run_equals_eager(tmp_path: Path) -> None:
 def test_compile_mode_is_checked() -> None:
     with pytest.raises(ValueError, match="compile must be one of"):
         TrainConfig(compile="fast").validate()
+
+
+def test_cudagraph_refuses_methods_with_own_step_hooks() -> None:
+    # EWC adds its penalty in training_loss: a graph would freeze whatever it does on the host
+    with pytest.raises(ValueError, match="'ewc' has its own per-step hooks"):
+        preflight(TrainConfig(method="ewc", compile="cudagraph"))
+    preflight(TrainConfig(method="blip", compile="cudagraph"))  # base hooks: accepted
 
 
 @pytest.mark.parametrize("method", list(METHODS))
