@@ -165,3 +165,16 @@ def test_cudagraph_refuses_methods_with_own_step_hooks() -> None:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_warm_up_runs_for_every_method(method: str) -> None:
     warm_up(method, {}, torch.device("cpu"))
+
+
+def test_cli_compile_flag() -> None:
+    from blip.cli import _parser
+
+    p = _parser()
+    assert p.parse_args(["train"]).compile is None  # -> TrainConfig's "off"
+    assert p.parse_args(["train", "--compile"]).compile == "inductor"
+    assert p.parse_args(["train", "--compile", "cudagraph", "--epochs", "1"]).compile == \
+        "cudagraph"
+    assert TrainConfig.from_preset("pdigits").compile == "off"
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "--compile", "fast"])
