@@ -212,12 +212,18 @@ class GraphStep:
         keep = [p.grad for p in self.net.parameters()]
         return graph, xs, ys, out, keep
 
-    def finish(self) -> None:
-        """End of the task: the graphs' skipped-element totals go to the optimizer."""
+    def flush(self) -> None:
+        """The graphs' skipped-element totals so far go to the optimizer (end of an epoch:
+        its ``skipped_nonfinite()`` is then as in eager, e.g. for the NaN stop)."""
         add = getattr(self.opt, "_add_skipped", None)
         if add is not None:
             for total in self._totals:
                 add(total.clone())
+                total.zero_()  # outside the graph; its captured add_ keeps accumulating here
+
+    def finish(self) -> None:
+        """End of the task: flush, then drop the graphs."""
+        self.flush()
         self._totals.clear()
         self.graphs.clear()
 

@@ -78,13 +78,15 @@ class TrainConfig:
     method_kwargs: dict = field(default_factory=dict)  # the method's hyper-parameters
     # unpickle data-set files and old checkpoints without restriction (blip.runs.safeload)
     trust_pickles: bool = False
+    # the authors' NaN stop: a non-finite epoch ends the task, its best state is restored
+    stop_on_nonfinite: bool = False
     # the training step: eager ("off"), torch.compile'd or CUDA-graph captured (step.py)
     compile: str = "off"
 
     # Keys that change the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
                    "n_hidden_layers", "width", "lr_patience", "lr_factor", "lr_min",
-                   "momentum", "seed", "n_tasks", "method_kwargs")
+                   "momentum", "seed", "n_tasks", "method_kwargs", "stop_on_nonfinite")
 
     @classmethod
     def from_preset(cls, benchmark: str, model: str | None = None, **overrides: Any) -> TrainConfig:
@@ -99,7 +101,7 @@ class TrainConfig:
         cfg = cls(benchmark=benchmark, **base)
         # the preset's method hyper-parameters (e.g. F_prior) for a method that takes them
         accepted = method_class(cfg.method).HPARAMS
-        cfg.method_kwargs = {**p.method_hparams(accepted), **cfg.method_kwargs}
+        cfg.method_kwargs = {**p.method_hparams(accepted, cfg.method), **cfg.method_kwargs}
         return cfg
 
     @classmethod
@@ -145,6 +147,9 @@ class TrainConfig:
         for k in ("benchmark", "method", "model", "device"):
             if not isinstance(getattr(self, k), str):
                 raise ValueError(f"{k} must be a string; got {getattr(self, k)!r}")
+        if not isinstance(self.stop_on_nonfinite, bool):
+            raise ValueError(f"stop_on_nonfinite must be True or False; got "
+                             f"{self.stop_on_nonfinite!r}")
         if not isinstance(self.method_kwargs, dict):
             raise ValueError(f"method_kwargs must be a dict; got {self.method_kwargs!r}")
         if self.compile not in COMPILE_MODES:
@@ -261,6 +266,8 @@ class Trainer(Runner):
         for x, y in batches(task, x_train, y_train, perm, cfg.batch_size):
             step(x, y)
             steps += 1
+        if hasattr(step, "flush"):  # a captured step's skipped-element counts, per epoch
+            step.flush()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return steps
@@ -276,6 +283,7 @@ class Trainer(Runner):
         lr, patience = cfg.lr, cfg.lr_patience
         best_loss, best_state, best_epoch = math.inf, copy.deepcopy(net.state_dict()), -1
         steps, step_time, epochs_run = 0, 0.0, 0
+        stopped_nonfinite: int | None = None  # the epoch the NaN stop ended the task at
         bar = Progress(cfg.epochs, f"task {t}", self.progress)
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
@@ -283,6 +291,11 @@ class Trainer(Runner):
             step_time += time.perf_counter() - t0
             epochs_run += 1
             val_loss, val_acc = self.evaluate(net, task, t, "valid", method=method)
+            if cfg.stop_on_nonfinite and nonfinite_epoch(net, opt, val_loss):
+                stopped_nonfinite = epoch
+                self.log(f"task {t}: non-finite loss at epoch {epoch}: stopping the task and "
+                         f"restoring its best epoch ({best_epoch})")
+                break
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(net.state_dict())
@@ -310,7 +323,7 @@ class Trainer(Runner):
         return {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_valid_loss": best_loss,
                 "final_lr": lr, "steps": steps, "train_step_seconds": step_time,
                 "seconds_per_step": step_time / max(steps, 1),
-                "skipped_nonfinite_grads": skipped}
+                "skipped_nonfinite_grads": skipped, "stopped_nonfinite": stopped_nonfinite}
 
     def _end_of_task_sample(self, task: TaskData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What ``Method.after_task`` gets: the training set, at most
@@ -377,6 +390,7 @@ class Trainer(Runner):
             "total_seconds": sum(r["seconds"] for r in records),
             "tasks": records,
             "bits_hist": state["bits_hist"],
+            **fisher_summary(self.cfg, records),
             "config": self.cfg.to_dict(),
             "torch": torch.__version__,
             "device": str(self.device),
@@ -479,8 +493,33 @@ class Trainer(Runner):
                  f"{record['seconds']:.1f}s{capmsg} | acc {accs}")
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
-        ckpt.check_resumable(TrainConfig.upgrade(saved), self.cfg.to_dict(),
+        # a checkpoint written before the NaN-stop option ran without it
+        saved = {"stop_on_nonfinite": False, **TrainConfig.upgrade(saved)}
+        ckpt.check_resumable(saved, self.cfg.to_dict(),
                              TrainConfig.RESULT_KEYS, self.out / CHECKPOINT)
+
+
+def nonfinite_epoch(net: nn.Module, opt: torch.optim.Optimizer, val_loss: float) -> bool:
+    """Whether the epoch just run went non-finite: the authors stop when the train or valid
+    loss is NaN (IC/approaches/blip.py:67-69). Without an extra pass over the training set:
+    a NaN/Inf valid loss or weight, or NaN/Inf gradient elements that the fused step skipped
+    (the training loss went non-finite, yet the skip kept the weights finite)."""
+    if not math.isfinite(val_loss):
+        return True
+    if hasattr(opt, "skipped_nonfinite") and opt.skipped_nonfinite() > 0:
+        return True
+    return not all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def fisher_summary(cfg: TrainConfig, records: list[dict]) -> dict[str, Any]:
+    """The end-of-task Fisher budget (batches x batch size, for a method that has one) and
+    the samples each task's estimate used: fewer than the budget on a short task."""
+    hp = {**method_class(cfg.method).HPARAMS, **method_hparams(cfg)}
+    budget = (hp["fisher_batches"] * hp["fisher_batch_size"]
+              if isinstance(hp.get("fisher_batches"), int)
+              and isinstance(hp.get("fisher_batch_size"), int) else None)
+    used = [r.get("method_stats", {}).get("fisher_samples") for r in records]
+    return {"fisher_budget": budget, "fisher_samples": used}
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
