@@ -13,6 +13,19 @@ TRUST_HELP = ("unpickle data files (CIFAR batches, mini-ImageNet .pkl) and check
               "older blip versions without restriction: only for files you trust (by default "
               "only numpy arrays and plain containers are read from them)")
 
+# The commands and their one-line help: `blip --help` is answered from this table alone,
+# without importing torch (main builds the full parser only once a command is named).
+COMMANDS = {
+    "train": "learn a task stream; writes a run directory",
+    "report": "summarise run directories (several: a comparison table)",
+    "compare": "run (or reuse) several methods over seeds; one table",
+    "presets": "print the per-benchmark presets",
+    "methods": "list the methods with their hyper-parameters and defaults",
+    "rl": "continual RL: PPO on a sequence of Atari/MinAtar games",
+    "reproduce": "the authors' run of a benchmark: their command line, then ours with the "
+                 "same settings",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip", description="Continual learning with BLIP.")
@@ -20,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_report(sub)
     _add_compare(sub)
-    sub.add_parser("presets", help="print the per-benchmark presets")
-    sub.add_parser("methods", help="list the methods with their hyper-parameters and defaults")
+    sub.add_parser("presets", help=COMMANDS["presets"])
+    sub.add_parser("methods", help=COMMANDS["methods"])
     _add_rl(sub)
     _add_reproduce(sub)
     return p
@@ -32,9 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_train(sub: Any) -> None:
     from .classification.data import BENCHMARKS
+    from .classification.step import COMPILE_MODES
     from .methods import METHODS
 
-    t = sub.add_parser("train", help="learn a task stream; writes a run directory",
+    t = sub.add_parser("train", help=COMMANDS["train"],
                        description="Learn a sequence of classification tasks. Unset options "
                        "take the benchmark's preset (the published hyperparameters).")
     t.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
@@ -76,10 +90,14 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
+    t.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_MODES,
+                   help="the training step: torch.compile'd forward+backward (inductor, the "
+                   "default of a bare --compile; aot_eager), or cudagraph (the whole step "
+                   "captured; on CPU a stand-in replaying it eagerly); default off")
 
 
 def _add_report(sub: Any) -> None:
-    r = sub.add_parser("report", help="summarise run directories (several: a comparison table)")
+    r = sub.add_parser("report", help=COMMANDS["report"])
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--json", action="store_true", help="print the results as JSON instead")
 
@@ -87,7 +105,7 @@ def _add_report(sub: Any) -> None:
 def _add_compare(sub: Any) -> None:
     from .classification.data import BENCHMARKS
 
-    c = sub.add_parser("compare", help="run (or reuse) several methods over seeds; one table",
+    c = sub.add_parser("compare", help=COMMANDS["compare"],
                        description="Run every method for every seed on one benchmark (reusing "
                        "finished runs in OUT), then write OUT/compare.md, OUT/compare.csv "
                        "and OUT/compare_accuracy.png.")
@@ -110,7 +128,7 @@ def _add_rl(sub: Any) -> None:
     from .rl.envs import SUITES
     from .rl.methods import METHODS as RL_METHODS
 
-    rl = sub.add_parser("rl", help="continual RL: PPO on a sequence of Atari/MinAtar games",
+    rl = sub.add_parser("rl", help=COMMANDS["rl"],
                         description="Learn a suite's games in sequence with PPO and a "
                         "continual-learning method; writes a run directory with the reward "
                         "matrix, plots and GIFs. With --compare: a table of finished runs.")
@@ -146,8 +164,7 @@ def _add_rl(sub: Any) -> None:
 def _add_reproduce(sub: Any) -> None:
     from .classification.reproduce import RUNS
 
-    r = sub.add_parser("reproduce", help="the authors' run of a benchmark: their command "
-                       "line, then ours with the same settings",
+    r = sub.add_parser("reproduce", help=COMMANDS["reproduce"],
                        description="Print the authors' command line for BENCHMARK (from "
                        "their README and scripts) and our settings, then train with them.")
     r.add_argument("benchmark", choices=list(RUNS), metavar="BENCHMARK",
@@ -244,7 +261,7 @@ def _train(a: argparse.Namespace) -> int:
         lr_factor=a.lr_factor, lr_min=a.lr_min, momentum=a.momentum, n_tasks=a.n_tasks,
         seed=a.seed, device=a.device, threads=a.threads, data_dir=a.data_dir, download=a.download,
         method_kwargs=method_kwargs, trust_pickles=a.trust_pickles,
-        stop_on_nonfinite=a.stop_on_nonfinite,
+        stop_on_nonfinite=a.stop_on_nonfinite, compile=a.compile,
     )
     train(cfg, a.out or default_run_dir(cfg), resume=a.resume, quiet=a.quiet,
           plots=not a.no_plots)
@@ -289,10 +306,23 @@ def _rl(a: argparse.Namespace) -> int:
     return 0
 
 
+def _light_parser() -> argparse.ArgumentParser:
+    """The command names and their help only: what --help, no command or an unknown one
+    need, in milliseconds instead of the seconds torch takes to import."""
+    p = argparse.ArgumentParser(prog="blip", description="Continual learning with BLIP.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        _light_parser().parse_args(argv)  # prints the help or the usage error and exits
+    a = _parser().parse_args(argv)
     from .classification.data import DataFormatError
 
-    a = _parser().parse_args(argv)
     try:
         if a.command == "train":
             return _train(a)

@@ -172,6 +172,35 @@ class ConstrainedSGD(torch.optim.Optimizer):
 
         return step
 
+    # -- entry points without torch's per-call wrappers ---------------------------------
+    # torch decorates Optimizer.zero_grad and add_param_group with _disable_dynamo (its first
+    # call imports torch._dynamo: 1.4-2.7 s here, counted inside task 0) and wraps zero_grad's
+    # loop in a profiler record_function (~15-30 µs per step with nothing listening).
+
+    def add_param_group(self, param_group: dict) -> None:
+        # torch's own body, without the decorator that imports torch._dynamo (functools.wraps
+        # keeps it as __wrapped__; a torch without the decorator has the body itself)
+        body = torch.optim.Optimizer.add_param_group
+        getattr(body, "__wrapped__", body)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if torch.autograd._profiler_enabled():  # a profiler listens: torch's, with its label
+            return torch.optim.Optimizer.zero_grad(self, set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:  # as torch's (non-foreach) zero_grad
+                    if grad.grad_fn is not None:
+                        grad.detach_()
+                    else:
+                        grad.requires_grad_(False)
+                    grad.zero_()
+        return None
+
     def _add_skipped(self, count: Tensor) -> None:
         # Kept as a list and folded now and then: an add per step would cost a kernel launch.
         self._skipped.append(count)

@@ -44,6 +44,7 @@ from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
 from ..runs.seeds import derive_seed, seed_everything
 from .data import TaskData, TaskStream, load_benchmark
 from .presets import Preset, get_preset
+from .step import COMPILE_MODES, batches, check_capturable, make_step, warm_up
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
@@ -87,6 +88,8 @@ class TrainConfig:
     trust_pickles: bool = False
     # the authors' NaN stop: a non-finite epoch ends the task, its best state is restored
     stop_on_nonfinite: bool = False
+    # the training step: eager ("off"), torch.compile'd or CUDA-graph captured (step.py)
+    compile: str = "off"
 
     # Keys that change the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
@@ -167,6 +170,9 @@ class TrainConfig:
                              f"{self.stop_on_nonfinite!r}")
         if not isinstance(self.method_kwargs, dict):
             raise ValueError(f"method_kwargs must be a dict; got {self.method_kwargs!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; "
+                             f"got {self.compile!r}")
         if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -236,6 +242,8 @@ def _check_method(cfg: TrainConfig) -> None:
     from ..models import MLP
 
     make_method(cfg.method, MLP(1, 2, [2]), **method_hparams(cfg))
+    if cfg.compile == "cudagraph":
+        check_capturable(method_class(cfg.method))
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -277,22 +285,25 @@ class Trainer(Runner):
                  batch: int = 1024, method: Method | None = None) -> tuple[float, float]:
         x_all, y_all = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
         net.eval()
-        loss_sum, correct = 0.0, 0
+        # summed on the device (float64, as Python's float): one sync per call, not per batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for i in range(0, len(y_all), batch):
             x = task.inputs(x_all[i:i + batch].to(self.device, non_blocking=True))
             y = y_all[i:i + batch].to(self.device, non_blocking=True)
             # the method may evaluate task t differently (e.g. with task t's mask)
             with method.eval_context(t) if method is not None else contextlib.nullcontext():
                 out = net(x, t)
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
         n = max(len(y_all), 1)
-        return loss_sum / n, correct / n
+        return float(loss_sum) / n, int(correct) / n
 
-    def _train_epoch(self, net: nn.Module, method: Method, opt: torch.optim.Optimizer,
+    def _train_epoch(self, net: nn.Module, method: Method, step: Any,
                      task: TaskData, t: int, epoch: int, x_train: torch.Tensor,
                      y_train: torch.Tensor) -> int:
-        """One pass over the task's training set in a seeded order; returns the steps."""
+        """One pass over the task's training set in a seeded order; returns the steps.
+        ``step(x, y)`` is the method's training step (classification/step.py)."""
         cfg = self.cfg
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, t, epoch))
         perm = torch.randperm(len(y_train), generator=g).to(self.device)
@@ -301,16 +312,12 @@ class Trainer(Runner):
         if cfg.batchnorm_eval_from_task1 and t > 0:
             batchnorm_eval(net)  # the statistics of task 0 normalise and stay
         steps = 0
-        for i in range(0, len(y_train), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            x, y = task.inputs(x_train[idx]), y_train[idx]
-            loss = method.training_loss(net, x, y, t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.after_backward(t)
-            opt.step()
-            method.after_step(t)
+        # gathered a chunk at a time on the device, each batch a view (step.batches)
+        for x, y in batches(task, x_train, y_train, perm, cfg.batch_size):
+            step(x, y)
             steps += 1
+        if hasattr(step, "flush"):  # a captured step's skipped-element counts, per epoch
+            step.flush()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return steps
@@ -320,6 +327,7 @@ class Trainer(Runner):
         cfg = self.cfg
         method.before_task(t)
         opt = method.make_optimizer(t, cfg.lr)
+        step = make_step(cfg.compile, method, net, opt, t, self.device)
         x_train = task.x_train.to(self.device)
         y_train = task.y_train.to(self.device)
         lr, patience = cfg.lr, cfg.lr_patience
@@ -329,7 +337,7 @@ class Trainer(Runner):
         bar = Progress(cfg.epochs, f"task {t}", self.progress)
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
-            steps += self._train_epoch(net, method, opt, task, t, epoch, x_train, y_train)
+            steps += self._train_epoch(net, method, step, task, t, epoch, x_train, y_train)
             step_time += time.perf_counter() - t0
             epochs_run += 1
             val_loss, val_acc = self.evaluate(net, task, t, "valid", method=method)
@@ -354,6 +362,8 @@ class Trainer(Runner):
                         group["lr"] = lr
             bar.update(loss=f"{val_loss:.3f}", acc=f"{100 * val_acc:.1f}", lr=f"{lr:.2g}")
         bar.close()
+        if hasattr(step, "finish"):  # a captured step hands back its skipped-element counts
+            step.finish()
         net.load_state_dict(best_state)
         # Gradient elements the fused step skipped for being NaN/Inf: never silent.
         skipped = opt.skipped_nonfinite() if hasattr(opt, "skipped_nonfinite") else 0
@@ -435,6 +445,8 @@ class Trainer(Runner):
             "torch": torch.__version__,
             "device": str(self.device),
             "kernel_backend": kernel_backend(self.device),
+            # one-time costs (imports, first calls) paid before task 0's clock started
+            "warmup_seconds": getattr(self, "warmup_seconds", 0.0),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.out / RESULTS, json.dumps(results, indent=1))
@@ -493,6 +505,9 @@ class Trainer(Runner):
         validate.writable_dir(self.out, "out directory")  # before hours of training, not after
         stream = self._load_stream()
         T = len(stream)
+        t0 = time.perf_counter()
+        warm_up(cfg.method, method_hparams(cfg), self.device)  # before _setup seeds the RNGs
+        self.warmup_seconds = time.perf_counter() - t0
         net, method = self._setup(stream)
         state = self._start(net, method, T, resume)
         n_params = sum(p.numel() for p in net.parameters())
