@@ -438,7 +438,9 @@ class RLRunner(Runner):
             self._save({"version": CKPT_VERSION, "config": cfg.to_dict(), "state": st,
                         "model": model.state_dict(), "method": method.state_dict(), "mid": None})
             self._write_outputs(st, done=g == n_games - 1)
-            self._emit("on_game", g, [float(v) for v in raw[g, : g + 1]])
+            end = st["records"][-1]["method"]
+            self._emit("on_game", g, [float(v) for v in raw[g, : g + 1]],
+                       end.get("capacity") or {} if isinstance(end, dict) else {}, model)
             if cfg.gif_frames:
                 self._write_grid()
             row = " ".join(f"{v:.3g}" for v in raw[g, : g + 1])

@@ -8,7 +8,8 @@ Tags (step = the x-axis):
   step i); ``capacity/<layer>`` (step i); ``bits/<layer>`` histograms of frozen-bit counts
   (step i).
 - rl: ``update/return``, ``update/loss`` (step: updates of the whole run);
-  ``reward/game<j>`` (the reward-matrix row after game i, step i).
+  ``reward/game<j>`` (the reward-matrix row after game i, step i); for a method with bits
+  (BLIP) ``capacity/<layer>`` and ``bits/<layer>`` after game i.
 
 TensorBoard is an optional extra: :func:`require` fails with the install command before a
 run starts, not after hours of training.
@@ -87,15 +88,40 @@ class TensorBoardLog:
             self.writer.add_scalar("update/return", ret, update)
         self.writer.add_scalar("update/loss", loss, update)
 
-    def on_game(self, game: int, reward_row: Sequence[float]) -> None:
+    def on_game(self, game: int, reward_row: Sequence[float], capacity: Mapping[str, Any],
+                model: Any) -> None:
+        """``capacity``: the method's end-of-game ``{"overall": c, "layers": {...}}`` (empty
+        for a method without bits); then the bits of ``model``'s quantized layers too."""
+        w = self.writer
         for j, r in enumerate(reward_row):
-            self.writer.add_scalar(f"reward/game{j}", float(r), game)
-        self.writer.flush()
+            w.add_scalar(f"reward/game{j}", float(r), game)
+        if capacity:
+            flat = {"overall": capacity.get("overall"), **capacity.get("layers", {})}
+            for layer, c in flat.items():
+                if c is not None:
+                    w.add_scalar(f"capacity/{layer}", float(c), game)
+            for layer, counts in model_bits_histograms(model).items():
+                _bits_histogram(w, f"bits/{layer}", counts, game)
+        w.flush()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def model_bits_histograms(model: Any) -> dict[str, list[int]]:
+    """Per quantized layer of ``model``, counts of elements with 0..max_bit frozen bits."""
+    import torch
+
+    from ..nn import quantized_layers
+
+    out: dict[str, list[int]] = {}
+    for name, layer in quantized_layers(model):
+        counts = sum(torch.bincount(c.bits.flatten().long(), minlength=layer.max_bit + 1)
+                     for _, c in layer.constraints())
+        out[name] = [int(v) for v in counts.tolist()]
+    return out
 
 
 def _bits_histogram(w: Any, tag: str, counts: Sequence[int], step: int) -> None:
@@ -114,4 +140,5 @@ def _bits_histogram(w: Any, tag: str, counts: Sequence[int], step: int) -> None:
         global_step=step)
 
 
-__all__ = ["INSTALL", "SUBDIR", "MissingTensorBoardError", "TensorBoardLog", "require"]
+__all__ = ["INSTALL", "SUBDIR", "MissingTensorBoardError", "TensorBoardLog",
+           "model_bits_histograms", "require"]

@@ -55,7 +55,7 @@ def test_rl_writes_updates_and_the_reward_matrix(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     pytest.importorskip("minatar")
     out = tmp_path / "rl"
-    assert main(["rl", "--suite", "minatar5", "--method", "finetune", "--games", "2",
+    assert main(["rl", "--suite", "minatar5", "--method", "blip", "--games", "2",
                  "--steps", "256", "--envs", "2", "--n-steps", "64", "--eval-episodes", "1",
                  "--eval-max-steps", "20", "--gif-frames", "0", "--no-plots", "--quiet",
                  "--out", str(out), "--tensorboard"]) == 0
@@ -66,6 +66,11 @@ def test_rl_writes_updates_and_the_reward_matrix(tmp_path: Path) -> None:
         for j, v in enumerate(row[: i + 1]):
             (e,) = [e for e in ev.Scalars(f"reward/game{j}") if e.step == i]
             assert e.value == pytest.approx(v)
+    cap = res["per_game"][1]["method"]["capacity"]
+    assert ev.Scalars("capacity/overall")[-1].value == pytest.approx(cap["overall"])
+    layer = next(iter(cap["layers"]))
+    h = ev.Histograms(f"bits/{layer}")[-1]
+    assert h.step == 1 and h.histogram_value.num > 0 and sum(h.histogram_value.bucket[1:]) > 0
 
 
 def test_missing_tensorboard_is_one_clear_error_before_training(
