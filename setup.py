@@ -12,6 +12,9 @@
   the GPU targets; ``+PTX`` adds PTX for newer GPUs.
 * ``BLIP_NO_EXT=1`` skips the native build entirely; the package still imports and
   runs on the reference / triton backends.
+* Objects are kept in ``build/ext-<key>/`` (one per environment and torch build), so a
+  re-install (``pip install -e ".[rl]"`` after ``pip install -e .``) finds them up to
+  date and only links; delete ``build/`` to force a clean build.
 
 torch must already be installed: ``pip install --no-build-isolation [-e] .``.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import importlib.util
 import os
 import sys
@@ -71,6 +75,27 @@ def _cuda_toolkit(torch: ModuleType) -> object | None:
     return found
 
 
+def _persistent_build_ext(base: type, torch: ModuleType, cuda: bool) -> type:
+    """``base`` (torch's BuildExtension) compiling into a build directory that survives.
+
+    pip's editable install points ``build_temp`` at a fresh temporary directory, so ninja
+    found no objects and every install (each extra added later) compiled everything again.
+    The key separates environments (interpreter prefix) and torch builds, whose objects
+    must not be mixed; within one, ninja rebuilds exactly what changed (sources, headers
+    through its depfiles, compiler flags).
+    """
+    ident = f"{sys.prefix}|{sys.version}|{torch.__version__}|{torch.version.cuda}|{cuda}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    build_temp = os.path.join(ROOT, "build", f"ext-{key}")
+
+    class PersistentBuildExt(base):
+        def run(self) -> None:
+            self.build_temp = build_temp
+            super().run()
+
+    return PersistentBuildExt
+
+
 def _ext_modules() -> tuple[list, dict]:
     if os.environ.get("BLIP_NO_EXT", "0") not in ("", "0"):
         return [], {}
@@ -116,7 +141,8 @@ def _ext_modules() -> tuple[list, dict]:
         )
     else:
         ext = cpp_extension.CppExtension("blip_kernels._C", sources, **kwargs)
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    build_ext = _persistent_build_ext(
+        cpp_extension.BuildExtension.with_options(use_ninja=True), torch, found is not None)
     return [ext], {"build_ext": build_ext}
 
 

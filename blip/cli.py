@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="print the per-benchmark presets")
     sub.add_parser("methods", help="list the methods with their hyper-parameters and defaults")
     _add_rl(sub)
+    _add_reproduce(sub)
     return p
 
 
@@ -57,6 +58,9 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--lr-min", type=float, help="stop a task once lr falls below this")
     t.add_argument("--momentum", type=float)
     t.add_argument("--n-tasks", type=int, help="learn only the first N tasks")
+    t.add_argument("--stop-on-nonfinite", action=argparse.BooleanOptionalAction, default=None,
+                   help="at a NaN/Inf loss stop the task and restore its best epoch, as the "
+                   "authors' code (default: the preset's; on for the authors' benchmarks)")
     t.add_argument("--forward-mode", choices=["continuous", "quantized"],
                    help="BLIP forward: continuous weights (authors' code) or quantize-STE "
                    "(same as --hp forward_mode=...)")
@@ -155,6 +159,42 @@ def _add_rl(sub: Any) -> None:
     rl.set_defaults(rl_defaults=dict(vars(rl.parse_args([]))))
 
 
+def _add_reproduce(sub: Any) -> None:
+    from .classification.reproduce import RUNS
+
+    r = sub.add_parser("reproduce", help="the authors' run of a benchmark: their command "
+                       "line, then ours with the same settings",
+                       description="Print the authors' command line for BENCHMARK (from "
+                       "their README and scripts) and our settings, then train with them.")
+    r.add_argument("benchmark", choices=list(RUNS), metavar="BENCHMARK",
+                   help=f"one of {', '.join(RUNS)}")
+    r.add_argument("--dry-run", action="store_true", help="print only (loads no data)")
+    r.add_argument("--embedded", action="store_true", help="the same settings on the "
+                   "embedded stand-in (mnist5 -> mnist5k-split, pmnist -> mnist5k-perm)")
+    r.add_argument("--epochs", type=int, help="epoch budget (differs from the authors')")
+    r.add_argument("--n-tasks", type=int, help="only the first N tasks (differs from theirs)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--data-dir", help="root of the full benchmarks' files")
+    r.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
+    r.add_argument("--out", help="run directory (default runs/<benchmark>-blip-seed<k>)")
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+
+
+def _reproduce(a: argparse.Namespace) -> int:
+    from .classification.reproduce import reproduce
+
+    text, _ = reproduce(a.benchmark, embedded=a.embedded, dry_run=a.dry_run, out=a.out,
+                        quiet=a.quiet, plots=not a.no_plots, epochs=a.epochs,
+                        n_tasks=a.n_tasks, seed=a.seed, device=a.device, threads=a.threads,
+                        data_dir=a.data_dir, trust_pickles=a.trust_pickles)
+    if a.dry_run:
+        print(text)
+    return 0
+
+
 def parse_hp(items: Sequence[str]) -> dict[str, Any]:
     """``["lamb=100", "penalty_step=gradient"]`` -> ``{"lamb": 100, ...}`` (Python literals
     where they parse, else strings)."""
@@ -220,6 +260,7 @@ def _train(a: argparse.Namespace) -> int:
         lr_factor=a.lr_factor, lr_min=a.lr_min, momentum=a.momentum, n_tasks=a.n_tasks,
         seed=a.seed, device=a.device, threads=a.threads, data_dir=a.data_dir, download=a.download,
         method_kwargs=method_kwargs, trust_pickles=a.trust_pickles,
+        stop_on_nonfinite=a.stop_on_nonfinite,
     )
     out = a.out or default_run_dir(cfg)
     train(cfg, out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
@@ -310,11 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if a.command == "rl":
             return _rl(a)
+        if a.command == "reproduce":
+            return _reproduce(a)
         if a.command == "presets":
-            from .classification.presets import PRESETS
+            from .classification.presets_table import presets_table
 
-            for name, p in PRESETS.items():
-                print(f"{name}: {p.to_dict()}")
+            print(presets_table())
             return 0
         if a.command == "methods":
             print(_methods_text())

@@ -129,13 +129,15 @@ class _Recorder:
     def _hook(self, layer: nn.Module, inputs: tuple, output: Tensor) -> None:
         if not torch.is_grad_enabled():
             return
-        n = self.calls.get(id(layer), 0) + 1
-        self.calls[id(layer)] = n
+        # keyed by the weight: layers sharing it (convert keeps ties) count as one
+        n = self.calls.get(id(layer.weight), 0) + 1
+        self.calls[id(layer.weight)] = n
         if n > 1:
             # Σ_n (Σ_uses g)^2 does not split into per-use squares.
             raise ValueError(
-                f"a {self.names[id(layer)]} was called more than once in one "
-                "forward; the Fisher of a layer shared within a forward is not supported"
+                f"a {self.names[id(layer)]} (or a layer sharing its weight) was called more "
+                "than once in one forward; the Fisher of a layer shared within a forward "
+                "is not supported"
             )
         x = inputs[0].detach()
         # A tensor hook registered now sees the gradient of this output even if a
@@ -269,10 +271,8 @@ def estimate_fisher_(
     for lay in layer_list:
         lay.free_fisher_()
         lay.alloc_fisher_()
-    accs: Accumulators = {
-        id(lay): (lay.fisher_weight, lay.fisher_bias if lay.bias is not None else None)
-        for lay in layer_list
-    }
+    # a layer sharing a parameter with another adds to that layer's accumulator
+    accs: Accumulators = {id(lay): lay.fisher_accumulators() for lay in layer_list}
     try:
         n = _accumulate_true_fisher(model, layer_list, accs, batches, forward, n_batches,
                                     batch_size, generator)

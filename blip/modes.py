@@ -1,5 +1,6 @@
 """Module-mode helpers the core and the methods share: a train/eval-mode context that
-restores every module's own flag, and BatchNorm statistics frozen in place."""
+restores every module's own flag, and BatchNorm statistics frozen in place or in eval
+mode."""
 
 from __future__ import annotations
 
@@ -41,5 +42,14 @@ def freeze_batchnorm_stats(model: nn.Module) -> None:
         m.momentum = 0.0
 
 
-__all__ = ["batchnorm_layers", "freeze_batchnorm_stats", "module_modes", "restore_modes",
-           "train_mode"]
+def batchnorm_eval(model: nn.Module) -> None:
+    """Every BatchNorm in eval mode until the next ``model.train()``: training batches are
+    normalised with the running statistics, which no longer change (the authors'
+    mini-ImageNet train_epoch from task 1 on; unlike :func:`freeze_batchnorm_stats`, which
+    keeps normalising with each batch's own statistics)."""
+    for m in batchnorm_layers(model):
+        m.eval()
+
+
+__all__ = ["batchnorm_eval", "batchnorm_layers", "freeze_batchnorm_stats", "module_modes",
+           "restore_modes", "train_mode"]

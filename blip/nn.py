@@ -91,6 +91,8 @@ class _QuantMixin:
 
     def _init_blip(self, max_bit: int, F_prior: float, forward_mode: str) -> None:
         _check_config(max_bit, F_prior, forward_mode)
+        # name -> (layer, name) holding the state of a parameter shared with that layer
+        self._tied: dict[str, tuple[nn.Module, str]] = {}
         self.max_bit = int(max_bit)
         self.F_prior = float(F_prior)
         self.forward_mode = forward_mode
@@ -111,7 +113,28 @@ class _QuantMixin:
     # -- introspection ------------------------------------------------------------------
 
     def blip_param_names(self) -> tuple[str, ...]:
-        return ("weight",) if self.bias is None else ("weight", "bias")
+        """The parameters whose BLIP state this layer holds: not the ones it shares with
+        an earlier layer (:func:`convert` keeps ties), whose state lives there."""
+        names = ("weight",) if self.bias is None else ("weight", "bias")
+        tied = self.__dict__.get("_tied", {})
+        return tuple(n for n in names if n not in tied)
+
+    def fisher_accumulators(self) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias) Fisher accumulators this layer's samples add to: its own, or for
+        a shared parameter the accumulator of the layer holding its state."""
+        out: list[Tensor | None] = []
+        for name in ("weight", "bias"):
+            if getattr(self, name) is None:
+                out.append(None)
+                continue
+            owner, oname = self.__dict__.get("_tied", {}).get(name, (self, name))
+            acc = getattr(owner, f"fisher_{oname}")
+            if acc is None:
+                raise RuntimeError(f"no Fisher accumulator for {name!r}: the layer holding its "
+                                   "state (it is shared) must be estimated with this one")
+            out.append(acc)
+        assert out[0] is not None
+        return out[0], out[1]
 
     def bound_of(self, name: str) -> float:
         return self.weight_bound if name == "weight" else BIAS_BOUND
@@ -366,8 +389,31 @@ def _swap(old: nn.Module, layer_kwargs: dict) -> nn.Module | None:
     return new
 
 
+def _tie(layer: _QuantMixin, name: str, owner: _QuantMixin, owner_name: str) -> None:
+    """Make ``layer.<name>`` the very Parameter ``owner.<owner_name>``, whose BLIP state
+    (prev, bits, running Fisher) stays with ``owner``: one parameter, one state."""
+    setattr(layer, name, getattr(owner, owner_name))
+    for kind in ("prev", "bits", "fisher_old", "fisher"):
+        del layer._buffers[f"{kind}_{name}"]  # type: ignore[attr-defined]
+    layer._tied[name] = (owner, owner_name)
+
+
+def _why_not(module: nn.Module) -> str:
+    """Why convert leaves a module holding parameters as it is (for the warning)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        return "parametrized: its weight is computed, there is no tensor to constrain"
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return "lazy: not initialised yet; run a forward before convert"
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return "a subclass: its forward may bypass the weight"
+    return "no quantized version"
+
+
 def convert(
-    model: nn.Module, exclude: Iterable[str] | str = (), **layer_kwargs: object
+    model: nn.Module, exclude: Iterable[str] | str = (), *, strict: bool = False,
+    **layer_kwargs: object,
 ) -> nn.Module:
     """Swap every ``nn.Linear``/``nn.Conv2d`` of ``model`` (in place, recursively) for
     :class:`QuantLinear`/:class:`QuantConv2d`, copying weights and bias.
@@ -375,20 +421,92 @@ def convert(
     ``exclude``: qualified module names to leave alone, an entry also covering
     everything under it (``"heads"`` excludes ``heads.0``, ``heads.1``...).
     ``layer_kwargs`` (``max_bit``, ``F_prior``, ``forward_mode``) go to the new layers.
-    Already-quantized layers and subclasses of Linear/Conv2d are left as they are.
+    Already-quantized layers are left as they are. Tied parameters stay tied: a weight
+    shared by two layers stays one parameter whose BLIP state is held by the first
+    layer (the Fisher of a weight used twice in one forward is refused at estimation).
+    Every other module outside ``exclude`` that holds parameters (Conv1d, Conv3d,
+    ConvTranspose*, lazy, parametrized layers, subclasses of Linear/Conv2d, norms,
+    embeddings, a Linear sharing its weight with one of them...) would train without
+    protection: they are named in one warning, or a ``ValueError`` with ``strict=True``.
     Weights are copied, not re-initialised: weights outside the BLIP bound are clamped
     by the first projection. Convert before creating the optimizer. Returns ``model``
     (a bare Linear/Conv2d passed as ``model`` is returned converted).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool; got {strict!r}")
     if isinstance(exclude, str):
         exclude = (exclude,)
     exclude = tuple(exclude)
     unknown = set(layer_kwargs) - {"max_bit", "F_prior", "forward_mode"}
     if unknown:
         raise TypeError(f"convert got unexpected layer_kwargs {sorted(unknown)}")
+    modules = dict(model.named_modules())  # each module once, under its first name
+    users: dict[int, list[str]] = {}  # parameter -> modules holding it
+    for mname, m in modules.items():
+        for p in m._parameters.values():
+            if p is not None:
+                users.setdefault(id(p), []).append(mname)
+    will_swap = {n for n, m in modules.items() if type(m) in (nn.Linear, nn.Conv2d)
+                 and not _excluded(n, exclude)}
+    quantized = {n for n, m in modules.items() if is_quantized(m)}
+    left: dict[str, str] = {}  # module name -> why it is not converted
+    changed = True
+    while changed:  # a tie to a module that stays unconverted keeps this one unconverted
+        changed = False
+        for n in sorted(will_swap):
+            others = {u for p in modules[n]._parameters.values() if p is not None
+                      for u in users[id(p)]} - will_swap - quantized
+            if others:
+                other = sorted(others)[0]
+                will_swap.discard(n)
+                left[n] = (f"shares a parameter with {other or '<model>'} "
+                           f"({type(modules[other]).__name__}), which is not quantized")
+                changed = True
+    for n, m in modules.items():
+        if n in will_swap or n in quantized or n in left or _excluded(n, exclude):
+            continue
+        if any(True for _ in m.parameters(recurse=False)):
+            left[n] = _why_not(m)
+    if left:
+        listed = "; ".join(f"{n or '<model>'} ({type(modules[n]).__name__}: {why})"
+                           for n, why in sorted(left.items()))
+        msg = (f"blip.convert: {len(left)} module(s) holding parameters are not quantized, "
+               f"so BLIP does not protect them: {listed}. Exclude them (exclude=...) if "
+               "that is intended")
+        if strict:
+            raise ValueError(msg + " (strict=True)")
+        import warnings
+
+        warnings.warn(msg, UserWarning, stacklevel=2)
+
+    # parameter -> (quantized layer, name) holding its BLIP state
+    holder: dict[int, tuple[_QuantMixin, str]] = {}
+    for n in quantized:
+        layer = modules[n]
+        for pname in layer.blip_param_names():
+            holder.setdefault(id(getattr(layer, pname)), (layer, pname))
     swapped: dict[int, nn.Module] = {}  # a module shared in two places stays shared
+
+    def swap(old: nn.Module) -> nn.Module | None:
+        new = _swap(old, layer_kwargs)
+        if new is None:
+            return None
+        for pname in ("weight", "bias"):
+            old_p = getattr(old, pname)
+            if old_p is None:
+                continue
+            if id(old_p) in holder:
+                owner, oname = holder[id(old_p)]
+                if owner.max_bit != new.max_bit:
+                    raise ValueError(f"a {type(old).__name__} shares its {pname} with a layer "
+                                     f"quantized with max_bit={owner.max_bit}; "
+                                     f"got max_bit={new.max_bit}")
+                _tie(new, pname, owner, oname)
+            else:
+                holder[id(old_p)] = (new, pname)
+        return new
 
     def visit(module: nn.Module, prefix: str) -> None:
         # _modules, not named_children(): the latter hides a module's second occurrence
@@ -401,15 +519,15 @@ def convert(
             if id(child) in swapped:
                 setattr(module, child_name, swapped[id(child)])
                 continue
-            new = _swap(child, layer_kwargs)
+            new = swap(child) if name in will_swap else None
             if new is not None:
                 swapped[id(child)] = new
                 setattr(module, child_name, new)
             else:
                 visit(child, name)
 
-    if not is_quantized(model) and not _excluded("", exclude):
-        root = _swap(model, layer_kwargs)
+    if "" in will_swap:
+        root = swap(model)
         if root is not None:
             return root
     visit(model, "")

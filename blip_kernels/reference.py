@@ -108,18 +108,24 @@ def sgd_step_(
 
     Elements whose gradient is NaN/Inf are skipped (weight and momentum left as
     they were, then projected) and counted.
+
+    The update is written with the very ops of ``torch.optim.SGD.step`` so it rounds
+    as torch does on this device: each ``add(y, alpha=a)`` is one rounding (an FMA on
+    CPUs with AVX2 and on CUDA; see ``csrc/blip_math.h``), ``mul(momentum)`` another;
+    the Python scalars become fp32 once. All math is fp32, also for bf16/fp16
+    parameters (torch.optim.SGD would round each intermediate to the parameter dtype).
     """
     wf = w.float()
     g = grad.float()
     ok = torch.isfinite(g)
     g = torch.where(ok, g, torch.zeros_like(g))
     if weight_decay != 0:
-        g = g + _f32(weight_decay, w) * wf
+        g = g.add(wf, alpha=weight_decay)
     if momentum_buf is not None and momentum != 0:
-        buf = momentum_buf * _f32(momentum, w) + _f32(1.0 - dampening, w) * g
+        buf = (momentum_buf * momentum).add_(g, alpha=1.0 - dampening)
         momentum_buf.copy_(torch.where(ok, buf, momentum_buf))
-        g = g + _f32(momentum, w) * buf if nesterov else buf
-    stepped = torch.where(ok, wf - _f32(lr, w) * g, wf)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    stepped = torch.where(ok, wf.add(g, alpha=-lr), wf)
     w.copy_(_project_f32(stepped, prev, bits, bound, max_bit))
     return (~ok).sum()
 

@@ -1,10 +1,12 @@
 // Per-element BLIP math shared by the CPU (OpenMP) and CUDA kernels.
 //
 // Every function reproduces blip_kernels/reference.py operation by operation in
-// fp32: the same ops in the same order, no fused multiply-add (build with
-// -ffp-contract=off / nvcc --fmad=false), true divisions where the reference
-// divides. That order is what makes the backends bit-exact, so do not "simplify"
-// an expression here without changing reference.py the same way.
+// fp32: the same ops in the same order, true divisions where the reference divides,
+// and no implicit multiply-add contraction (build with -ffp-contract=off / nvcc
+// --fmad=false). The only fused multiply-adds are the explicit fmaf calls in
+// sgd_elem, which mirror torch's own kernels (see there). That order is what makes
+// the backends bit-exact, so do not "simplify" an expression here without changing
+// reference.py the same way.
 //
 // No torch headers: this file also builds the standalone C++ unit tests and the
 // nvcc-only .cu files.
@@ -112,17 +114,34 @@ struct SgdParams {
 //: torch.optim.SGD's update of one element followed by section 4's projection.
 //: A NaN/Inf gradient skips the element (w and buf unchanged, then projected).
 //: Returns true when skipped. buf is ignored unless has_buf.
+//:
+//: Rounding, as torch 2.13 rounds SGD.step (checked bitwise over random inputs of
+//: sizes 1..100000, and in ATen's source). Every `x.add(y, alpha=a)` of the step
+//: (weight decay, the momentum add, nesterov, the weight update) is ONE rounding,
+//: fma(y, a, x): on CPU ATen's add kernel is vec::fmadd(y, alpha, x), a hardware FMA
+//: in its AVX2/AVX512 builds, and its scalar tail (n not a multiple of the vector
+//: width) is fused too; on CUDA the foreach kernels compute op(x, alpha*y) in fp32
+//: opmath and torch's nvcc build (default --fmad=true) contracts it to an FMA.
+//: `buf.mul_(momentum)` is a separate rounding before the momentum add. The scalars
+//: are double -> fp32 once (Scalar::to<float>), -lr included (= -fp32(lr)).
+//: Exception: torch's DEFAULT (pre-AVX2) CPU build rounds twice; we fuse everywhere.
+//: bf16/fp16 parameters: all math here is fp32 with an fp32 momentum buffer, rounded
+//: once on store. torch differs by design there: its CPU add rounds alpha to the
+//: parameter dtype and, in the scalar tail (n mod 32 with AVX512), rounds alpha*y to
+//: the dtype before adding; its buffers and intermediates are in the dtype.
+//: fmaf is exact on host and device (a libm call in the SSE2 copy of the CPU loops).
 BLIP_HD inline bool sgd_elem(float& w, float g, float prev, int bits, float& buf, bool has_buf,
                              float bound, float lim, const SgdParams& p) {
   const bool ok = is_finite(g);
   g = ok ? g : 0.0f;
-  if (p.use_weight_decay) g = g + p.weight_decay * w;
+  if (p.use_weight_decay) g = fmaf(w, p.weight_decay, g);  // grad.add(param, alpha=wd)
   if (has_buf) {
-    const float nb = buf * p.momentum + p.one_minus_dampening * g;
+    // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+    const float nb = fmaf(g, p.one_minus_dampening, buf * p.momentum);
     buf = ok ? nb : buf;
-    g = p.nesterov ? g + p.momentum * nb : nb;
+    g = p.nesterov ? fmaf(nb, p.momentum, g) : nb;  // grad.add(buf, alpha=momentum)
   }
-  const float stepped = ok ? w - p.lr * g : w;
+  const float stepped = ok ? fmaf(g, -p.lr, w) : w;  // param.add_(grad, alpha=-lr)
   w = project_elem(stepped, prev, bits, bound, lim);
   return !ok;
 }

@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import validate
 from ..methods import METHODS, Method, make_method, method_class
+from ..modes import batchnorm_eval
 from ..nn import load_state_dict_atomic
 from ..runs import checkpoint as ckpt
 from ..runs import metrics
@@ -65,6 +66,13 @@ class TrainConfig:
     hidden: int = 100
     n_hidden_layers: int = 1
     width: float = 1.0
+    # architecture options (blip.models; None: the model's default) and BatchNorm in eval
+    # mode from task 1 on: see blip.classification.presets.Preset
+    fc1_width: int | None = None
+    fc2_width: int | None = None
+    fc_dropout: float | None = None
+    pool_window: int | None = None
+    batchnorm_eval_from_task1: bool = False
     lr_patience: int = 5
     lr_factor: float = 3.0
     lr_min: float = 1e-4
@@ -78,11 +86,18 @@ class TrainConfig:
     method_kwargs: dict = field(default_factory=dict)  # the method's hyper-parameters
     # unpickle data-set files and old checkpoints without restriction (blip.runs.safeload)
     trust_pickles: bool = False
+    # the authors' NaN stop: a non-finite epoch ends the task, its best state is restored
+    stop_on_nonfinite: bool = False
 
     # Keys that change the numbers a run produces: a resume must match them.
     RESULT_KEYS = ("benchmark", "method", "model", "epochs", "lr", "batch_size", "hidden",
                    "n_hidden_layers", "width", "lr_patience", "lr_factor", "lr_min",
-                   "momentum", "seed", "n_tasks", "method_kwargs")
+                   "momentum", "seed", "n_tasks", "method_kwargs", "stop_on_nonfinite",
+                   "fc1_width", "fc2_width", "fc_dropout", "pool_window",
+                   "batchnorm_eval_from_task1")
+    # what a config written before these settings existed ran with
+    ARCH_DEFAULTS = {"fc1_width": None, "fc2_width": None, "fc_dropout": None,
+                     "pool_window": None, "batchnorm_eval_from_task1": False}
 
     @classmethod
     def from_preset(cls, benchmark: str, model: str | None = None, **overrides: Any) -> TrainConfig:
@@ -97,13 +112,15 @@ class TrainConfig:
         cfg = cls(benchmark=benchmark, **base)
         # the preset's method hyper-parameters (e.g. F_prior) for a method that takes them
         accepted = method_class(cfg.method).HPARAMS
-        cfg.method_kwargs = {**p.method_hparams(accepted), **cfg.method_kwargs}
+        cfg.method_kwargs = {**p.method_hparams(accepted, cfg.method), **cfg.method_kwargs}
         return cfg
 
     @classmethod
     def upgrade(cls, saved: dict[str, Any]) -> dict[str, Any]:
         """A saved config (checkpoint, results.json) in today's layout: configs written
-        before F_prior/max_bit became method hyper-parameters held them at the top level."""
+        before F_prior/max_bit became method hyper-parameters held them at the top level;
+        those written before the architecture options get the models' defaults."""
+        saved = {**cls.ARCH_DEFAULTS, **saved}
         if not any(k in saved for k in Preset.METHOD_HPARAMS + ("max_bit",)):
             return saved
         saved = dict(saved)
@@ -143,12 +160,31 @@ class TrainConfig:
         for k in ("benchmark", "method", "model", "device"):
             if not isinstance(getattr(self, k), str):
                 raise ValueError(f"{k} must be a string; got {getattr(self, k)!r}")
+        self._validate_arch()
+        if not isinstance(self.stop_on_nonfinite, bool):
+            raise ValueError(f"stop_on_nonfinite must be True or False; got "
+                             f"{self.stop_on_nonfinite!r}")
         if not isinstance(self.method_kwargs, dict):
             raise ValueError(f"method_kwargs must be a dict; got {self.method_kwargs!r}")
         if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available here")
+
+    def _validate_arch(self) -> None:
+        """The architecture options: their types and ranges, and only the model's own."""
+        V = validate
+        for k in ("fc1_width", "fc2_width", "pool_window"):
+            V.optional_int(k, getattr(self, k), 1)
+        if self.fc_dropout is not None:
+            V.number("fc_dropout", self.fc_dropout, lo=0.0, hi=1.0, hi_open=True)
+        if not isinstance(self.batchnorm_eval_from_task1, bool):
+            raise ValueError(f"batchnorm_eval_from_task1 must be True or False; got "
+                             f"{self.batchnorm_eval_from_task1!r}")
+        for k, model in Preset.ARCH_OPTIONS.items():  # refused rather than silently ignored
+            if getattr(self, k) is not None and self.model != model:
+                raise ValueError(f"{k}={getattr(self, k)!r} applies to model {model!r} only, "
+                                 f"not {self.model!r} (leave {k} None)")
 
 
 def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
@@ -162,9 +198,11 @@ def build_model(cfg: TrainConfig, stream: TaskStream) -> nn.Module:
         raise ValueError(f"model {cfg.model!r} needs image inputs (C, H, W); benchmark "
                          f"{cfg.benchmark!r} gives {stream.input_shape}")
     if cfg.model == "alexnet":
-        return models.AlexNet(stream.input_shape, cpt, width=cfg.width)
+        return models.AlexNet(stream.input_shape, cpt, width=cfg.width, fc1_width=cfg.fc1_width,
+                              fc2_width=cfg.fc2_width, fc_dropout=cfg.fc_dropout)
     if cfg.model == "resnet18":
-        return models.ResNet18(stream.input_shape, cpt, width=cfg.width)
+        return models.ResNet18(stream.input_shape, cpt, width=cfg.width,
+                               pool_window=cfg.pool_window)
     raise ValueError(f"unknown model {cfg.model!r}; choose mlp, alexnet or resnet18")
 
 
@@ -254,6 +292,8 @@ class Trainer(Runner):
         perm = torch.randperm(len(y_train), generator=g).to(self.device)
         method.before_epoch(t, epoch)
         net.train()
+        if cfg.batchnorm_eval_from_task1 and t > 0:
+            batchnorm_eval(net)  # the statistics of task 0 normalise and stay
         steps = 0
         for i in range(0, len(y_train), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
@@ -279,6 +319,7 @@ class Trainer(Runner):
         lr, patience = cfg.lr, cfg.lr_patience
         best_loss, best_state, best_epoch = math.inf, copy.deepcopy(net.state_dict()), -1
         steps, step_time, epochs_run = 0, 0.0, 0
+        stopped_nonfinite: int | None = None  # the epoch the NaN stop ended the task at
         bar = Progress(cfg.epochs, f"task {t}", self.progress)
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
@@ -287,6 +328,11 @@ class Trainer(Runner):
             epochs_run += 1
             val_loss, val_acc = self.evaluate(net, task, t, "valid", method=method)
             self._emit("on_epoch", t, val_loss, val_acc, lr)
+            if cfg.stop_on_nonfinite and nonfinite_epoch(net, opt, val_loss):
+                stopped_nonfinite = epoch
+                self.log(f"task {t}: non-finite loss at epoch {epoch}: stopping the task and "
+                         f"restoring its best epoch ({best_epoch})")
+                break
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(net.state_dict())
@@ -312,7 +358,7 @@ class Trainer(Runner):
         return {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_valid_loss": best_loss,
                 "final_lr": lr, "steps": steps, "train_step_seconds": step_time,
                 "seconds_per_step": step_time / max(steps, 1),
-                "skipped_nonfinite_grads": skipped}
+                "skipped_nonfinite_grads": skipped, "stopped_nonfinite": stopped_nonfinite}
 
     def _end_of_task_sample(self, task: TaskData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What ``Method.after_task`` gets: the training set, at most
@@ -379,6 +425,7 @@ class Trainer(Runner):
             "total_seconds": sum(r["seconds"] for r in records),
             "tasks": records,
             "bits_hist": state["bits_hist"],
+            **fisher_summary(self.cfg, records),
             "config": self.cfg.to_dict(),
             "torch": torch.__version__,
             "device": str(self.device),
@@ -480,8 +527,33 @@ class Trainer(Runner):
                  f"{record['seconds']:.1f}s{capmsg} | acc {accs}")
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
-        ckpt.check_resumable(TrainConfig.upgrade(saved), self.cfg.to_dict(),
+        # a checkpoint written before the NaN-stop option ran without it
+        saved = {"stop_on_nonfinite": False, **TrainConfig.upgrade(saved)}
+        ckpt.check_resumable(saved, self.cfg.to_dict(),
                              TrainConfig.RESULT_KEYS, self.out / CHECKPOINT)
+
+
+def nonfinite_epoch(net: nn.Module, opt: torch.optim.Optimizer, val_loss: float) -> bool:
+    """Whether the epoch just run went non-finite: the authors stop when the train or valid
+    loss is NaN (IC/approaches/blip.py:67-69). Without an extra pass over the training set:
+    a NaN/Inf valid loss or weight, or NaN/Inf gradient elements that the fused step skipped
+    (the training loss went non-finite, yet the skip kept the weights finite)."""
+    if not math.isfinite(val_loss):
+        return True
+    if hasattr(opt, "skipped_nonfinite") and opt.skipped_nonfinite() > 0:
+        return True
+    return not all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def fisher_summary(cfg: TrainConfig, records: list[dict]) -> dict[str, Any]:
+    """The end-of-task Fisher budget (batches x batch size, for a method that has one) and
+    the samples each task's estimate used: fewer than the budget on a short task."""
+    hp = {**method_class(cfg.method).HPARAMS, **method_hparams(cfg)}
+    budget = (hp["fisher_batches"] * hp["fisher_batch_size"]
+              if isinstance(hp.get("fisher_batches"), int)
+              and isinstance(hp.get("fisher_batch_size"), int) else None)
+    used = [r.get("method_stats", {}).get("fisher_samples") for r in records]
+    return {"fisher_budget": budget, "fisher_samples": used}
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 
 CELL = 84  # grid cell size in pixels; clips are resized to it
 PAD = 2
+LABEL_H = 14  # the strip above the grid holding the "game j" column labels
 
 
 def _pil():  # noqa: ANN202
@@ -36,21 +37,45 @@ def _cell(frame: np.ndarray) -> np.ndarray:
     return np.asarray(img)
 
 
-def grid_frames(clips: dict[tuple[int, int], list[np.ndarray]], n_games: int
-                ) -> list[np.ndarray]:
+def _labelled_canvas(n_games: int, games: list[str] | None) -> tuple[np.ndarray, int]:
+    """The grid's background with "after game i" left of each row and "game j" above each
+    column; returns it and the x where the first column starts."""
+    from PIL import ImageDraw
+
+    Image = _pil()
+    rows = [f"after game {i}" for i in range(n_games)]
+    cols = [f"game {j}" if games is None else f"{j}: {games[j]}" for j in range(n_games)]
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = PAD + max(int(draw.textlength(r)) for r in rows) + 2 * PAD
+    side = n_games * (CELL + PAD) + PAD
+    img = Image.new("RGB", (left + side, LABEL_H + side), (40, 40, 40))
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(rows):  # vertically centred on row i
+        draw.text((PAD, LABEL_H + PAD + i * (CELL + PAD) + CELL // 2 - 5), text,
+                  fill=(235, 235, 235))
+    for j, text in enumerate(cols):  # centred over column j, clipped to the cell
+        text = text[: CELL // 6]
+        x = left + PAD + j * (CELL + PAD) + (CELL - int(draw.textlength(text))) // 2
+        draw.text((x, 2), text, fill=(235, 235, 235))
+    return np.asarray(img).copy(), left
+
+
+def grid_frames(clips: dict[tuple[int, int], list[np.ndarray]], n_games: int,
+                games: list[str] | None = None) -> list[np.ndarray]:
     """Frames of the grid GIF: cell (i, j) plays clip ``clips[(i, j)]`` (held on its last
-    frame once over), grey where game j was not seen yet after game i."""
+    frame once over), grey where game j was not seen yet after game i. Rows are labelled
+    "after game i", columns "game j" (or "j: name" when ``games`` names them)."""
     if not clips:
         return []
     length = max(len(c) for c in clips.values())
-    size = n_games * (CELL + PAD) + PAD
+    base, left = _labelled_canvas(n_games, games)
     cells = {k: [_cell(f) for f in c] for k, c in clips.items() if c}
     out = []
     for t in range(length):
-        canvas = np.full((size, size, 3), 40, dtype=np.uint8)
+        canvas = base.copy()
         for i in range(n_games):
             for j in range(n_games):
-                y, x = PAD + i * (CELL + PAD), PAD + j * (CELL + PAD)
+                y, x = LABEL_H + PAD + i * (CELL + PAD), left + PAD + j * (CELL + PAD)
                 clip = cells.get((i, j))
                 if clip:
                     canvas[y:y + CELL, x:x + CELL] = clip[min(t, len(clip) - 1)]

@@ -1,7 +1,9 @@
 """Section 4 and 5: fused SGD step + projection, projection alone, sync.
 
 Each kernel makes one pass over memory; all must be bit-exact with reference.py,
-so the fp32 operation order below mirrors it line by line.
+so the fp32 operation order below mirrors it line by line. Fused multiply-adds are
+explicit (``_fma``) exactly where torch.optim.SGD's kernels fuse (see csrc/blip_math.h);
+``launch_opts`` turns implicit contraction off everywhere else.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import Tensor
 
 from ._common import (
     ELEMWISE_BLOCK,
+    INTERPRET,
     counter,
     f32,
     from_f32,
@@ -34,6 +37,32 @@ def _limits(bound: float, max_bit: int) -> tuple[float, float]:
     return float(b.item()), float(lim.item())
 
 
+#: The interpreter's tl.fma is numpy's a*b + c (two roundings): emulate it there.
+_EMULATE_FMA = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _fma(a, b, c):
+    """fp32 a*b + c rounded once: tl.fma when compiled. Emulated in fp64 under the
+    interpreter: the product is exact, TwoSum recovers the sum's rounding error
+    exactly, and folding it in by rounding to odd makes the final fp32 rounding
+    correct (53 >= 2*24 + 2 bits)."""
+    if _EMULATE_FMA:
+        # tl.cast, not .to: a scalar argument is a plain Python float in the interpreter
+        p = tl.cast(a, tl.float64) * tl.cast(b, tl.float64)
+        c64 = tl.cast(c, tl.float64)
+        s = p + c64
+        sp = s - p
+        err = (p - (s - sp)) + (c64 - sp)
+        u = s.to(tl.int64, bitcast=True)
+        # inexact and even: step to the odd neighbour on err's side (sign-magnitude bits)
+        fix = (err != 0.0) & ((u & 1) == 0) & (tl.abs(s) <= 1.7976931348623157e308)
+        u = tl.where(fix, tl.where((err > 0.0) == (s > 0.0), u + 1, u - 1), u)
+        return u.to(tl.float64, bitcast=True).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
 @triton.jit
 def _sgd_project_kernel(
     w_ptr, g_ptr, prev_ptr, bits_ptr, buf_ptr, count_ptr, n,
@@ -50,16 +79,16 @@ def _sgd_project_kernel(
     ok = is_finite(g)
     g = tl.where(ok, g, 0.0)
     if HAS_WD:
-        g = g + wd * w
+        g = _fma(w, wd, g)
     if HAS_MOMENTUM:
         buf_old = tl.load(buf_ptr + offs, mask=mask, other=0.0)
-        buf = buf_old * momentum + damp1 * g
+        buf = _fma(g, damp1, buf_old * momentum)
         tl.store(buf_ptr + offs, tl.where(ok, buf, buf_old), mask=mask)
         if NESTEROV:  # noqa: SIM108 - constexpr branch
-            g = g + momentum * buf
+            g = _fma(buf, momentum, g)
         else:
             g = buf
-    stepped = tl.where(ok, w - lr * g, w)
+    stepped = tl.where(ok, _fma(g, -lr, w), w)
     out = project_f32(stepped, prev, bits, b, lim)
     tl.store(w_ptr + offs, from_f32(out, KIND), mask=mask)
     # One atomic per block, not per element.

@@ -52,6 +52,8 @@ __global__ void __launch_bounds__(kThreads)
   add_count(bad, count);
 }
 
+// Rounds as torch's CUDA foreach SGD: the explicit fmaf calls of blip_math.h's sgd_elem
+// are fma.rn.f32 even under --fmad=false, which keeps every other a*b+c unfused.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     sgd_kernel(T* __restrict__ w, const T* __restrict__ grad, const float* __restrict__ prev,

@@ -114,14 +114,52 @@ void test_sgd() {
   CHECK(w == 0.5f && buf == 1.0f);
   CHECK(blip::sgd_elem(w, -kInf, 0.5f, 0, buf, true, bound, lim, p));
   CHECK(w == 0.5f && buf == 1.0f);
-  // Finite: buf = 0.9*1 + 1*g; w -= lr*buf.
+  // Finite: buf = 0.9*1 + 1*g; w -= lr*buf, rounded once as torch's add_(alpha=-lr).
   CHECK(!blip::sgd_elem(w, 0.5f, 0.5f, 0, buf, true, bound, lim, p));
   CHECK(buf == 1.0f * 0.9f + 1.0f * 0.5f);
-  CHECK(w == 0.5f - 0.1f * buf);
+  CHECK(w == std::fma(buf, -0.1f, 0.5f));
   // Plain SGD with a projection that bites.
   float w2 = 0.5f, unused = 0.0f;
   CHECK(!blip::sgd_elem(w2, -100.0f, 0.5f, 4, unused, false, bound, lim, p));
   CHECK(w2 == 0.5f + 0.0625f);
+}
+
+// The SGD step rounds each `x + alpha*y` once (torch's add with alpha is an FMA),
+// and nothing else is fused. Identity projection: bits 0, prev 0, a huge bound.
+void test_sgd_rounds_like_torch() {
+  const float bound = 1e30f, lim = blip::project_limit(bound, 20);
+  // Exact case: (1+2^-11) - (1+2^-12)(1+2^-13) = 2^-13 - 2^-25 (one rounding, exact);
+  // rounding the product first would give 2^-13.
+  {
+    const blip::SgdParams p{1.0f + 0x1p-13f, 0.0f, 1.0f, 0.0f, false, false};
+    float w = 1.0f + 0x1p-11f, unused = 0.0f;
+    CHECK(!blip::sgd_elem(w, 1.0f + 0x1p-12f, 0.0f, 0, unused, false, bound, lim, p));
+    CHECK(w == 0x1p-13f - 0x1p-25f);
+  }
+  // Random operands, every branch: the same as the formula of torch.optim.SGD with
+  // each add(alpha) an fma and mul_(momentum) a separate product; and the
+  // two-rounding formula must disagree somewhere, so this check can fail.
+  std::mt19937 rng(7);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  int fused_differs = 0;
+  for (int i = 0; i < 20000; ++i) {
+    const bool nesterov = i % 2 == 0;
+    const float lr = 0.01f * (1.0f + std::fabs(n01(rng))), mom = 0.9f, damp1 = nesterov ? 1.0f : 0.7f;
+    const float wd = 1e-2f;
+    const blip::SgdParams p{lr, mom, damp1, wd, true, nesterov};
+    const float w0 = n01(rng), g0 = n01(rng), b0 = n01(rng);
+    float w = w0, buf = b0;
+    CHECK(!blip::sgd_elem(w, g0, 0.0f, 0, buf, true, bound, lim, p));
+    const float g1 = std::fma(w0, wd, g0);
+    const float nb = std::fma(g1, damp1, b0 * mom);
+    const float g2 = nesterov ? std::fma(nb, mom, g1) : nb;
+    CHECK(buf == nb);
+    CHECK(w == std::fma(g2, -lr, w0));
+    const float tg1 = g0 + wd * w0, tnb = b0 * mom + damp1 * tg1;
+    const float tg2 = nesterov ? tg1 + mom * tnb : tnb;
+    fused_differs += (w0 - lr * tg2) != w;
+  }
+  CHECK(fused_differs > 0);
 }
 
 void test_update_bits() {
@@ -174,6 +212,7 @@ int main() {
   test_quantize();
   test_project();
   test_sgd();
+  test_sgd_rounds_like_torch();
   test_update_bits();
   test_bf16_rounding();
   if (failures != 0) {

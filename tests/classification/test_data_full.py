@@ -289,23 +289,28 @@ def _write_mini_cache(root: Path, per_class: int = 6) -> None:
         first += n_cls
 
 
-def _check_mini_stream(s, shape=(3, 84, 84)) -> None:
+def _check_mini_stream(s, shape=(3, 84, 84), seed: int = 0) -> None:
     assert len(s) == 20 and s.classes_per_task == [5] * 20 and s.input_shape == shape
+    # the authors' draw (MI/dataloaders/miniimagenet.py): np.random.seed(seed), then
+    # np.split(np.random.permutation(100), 20); label i = the task's i-th class
+    np.random.seed(seed)
+    task_classes = np.split(np.random.permutation(100), 20)
     for t_idx, t in enumerate(s):
+        classes = torch.from_numpy(task_classes[t_idx]).long()
         for x, y in ((t.x_train, t.y_train), (t.x_valid, t.y_valid), (t.x_test, t.y_test)):
             assert x.dtype == torch.uint8 and x.shape[1:] == shape
             assert set(y.tolist()) <= set(range(5))
-            # each image is in its own class, and task t holds classes 5t..5t+4
-            assert torch.equal(x[:, 0, 0, 0].long(), y + 5 * t_idx)
+            # each image is in its own class, and task t holds the classes drawn for it
+            assert torch.equal(x[:, 0, 0, 0].long(), classes[y])
         assert set(t.y_train.tolist()) == set(range(5))
 
 
 def test_miniimagenet_cache_pickles(tmp_path: Path) -> None:
     _write_mini_cache(tmp_path / "miniimagenet")
     s = load_benchmark("miniimagenet", data_dir=tmp_path, seed=1)
-    _check_mini_stream(s)
-    # per class 1/6 to test (1 of 6), then 10% of each task's 25 train images to valid
-    assert all(t.sizes() == (23, 2, 5) for t in s)
+    _check_mini_stream(s, seed=1)
+    # per class 1/6 to test (1 of 6), then 2% of each task's 25 train images (0) to valid
+    assert all(t.sizes() == (25, 0, 5) for t in s)
     t = s[13]
     tr, va, te = _rows(t.x_train), _rows(t.x_valid), _rows(t.x_test)
     assert not tr & va and not tr & te and not va & te
@@ -316,12 +321,14 @@ def test_miniimagenet_cache_pickles(tmp_path: Path) -> None:
 
 
 def test_miniimagenet_train_test_pickles(tmp_path: Path) -> None:
-    y_tr, y_te = np.repeat(np.arange(100), 3), np.repeat(np.arange(100), 1)
+    y_tr, y_te = np.repeat(np.arange(100), 10), np.repeat(np.arange(100), 1)
     for name, y in (("train.pkl", y_tr), ("test.pkl", y_te)):
         _dump(tmp_path / "miniimagenet" / name, {"images": _mini_images(y, 16), "labels": y})
     s = load_benchmark("miniimagenet", data_dir=tmp_path)
     _check_mini_stream(s, (3, 16, 16))
-    assert all(t.sizes() == (14, 1, 5) for t in s)  # the test pickle is the test set
+    # 2% of a task's 50 train images to valid (the authors' --pc-valid 0.02); the test
+    # pickle is the test set
+    assert all(t.sizes() == (49, 1, 5) for t in s)
 
 
 def test_miniimagenet_image_folder(tmp_path: Path) -> None:

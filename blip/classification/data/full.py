@@ -279,17 +279,34 @@ def load_miniimagenet(data_dir: Path, seed: int = 0):
         x, y, _ = F.read_image_folder(base / "images", (84, 84), "RGB")
     else:
         raise DataFormatError(f"missing mini-ImageNet under {data_dir} (expected {MINI_FORMAT})")
-    # Per class, a seeded 1/6 goes to test (100 of the 600 images).
-    rng = np.random.RandomState(seed)
+    # The authors' split (MI/data/generate_train_test_split.py): one generator seeded 1234
+    # for the benchmark (not the run), each class shuffled in turn, its first 500 of 600
+    # images to train and the rest to test; here the last 1/6 of each class to test. Their
+    # class ids follow os.listdir order: only their train.pkl/test.pkl give their exact split.
+    del seed
+    rng = np.random.RandomState(1234)
     test = np.zeros(len(y), dtype=bool)
     for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        test[rng.permutation(idx)[: len(idx) // 6]] = True
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test[idx[len(idx) - len(idx) // 6:]] = True
     return x[~test], y[~test], x[test], y[test]
 
 
+#: the authors' validation share (MI/run_blip.py:23, --pc-valid default 0.02)
+MINI_VALID_FRAC = 0.02
+
+
+def mini_task_classes(seed: int, n_tasks: int = 20, n_classes: int = 100) -> list[np.ndarray]:
+    """Each task's classes, as the authors draw them (MI/dataloaders/miniimagenet.py,
+    DatasetGen: np.random.seed(seed); np.split(np.random.permutation(100), ntasks)); a
+    task's label i is its i-th class in that list."""
+    return np.split(np.random.RandomState(seed).permutation(n_classes), n_tasks)
+
+
 def miniimagenet(data_dir: Path, seed: int = 0, download: bool = False) -> TaskStream:
-    """20 tasks of 5 classes (classes 5t..5t+4), 10% of each task's train held out."""
+    """20 tasks of 5 classes drawn by the run seed as the authors' (mini_task_classes); 2% of
+    each task's train held out for validation (their --pc-valid; they split with torch's
+    random_split, we with the seeded shuffle of every loader here)."""
     if download:
         raise DataFormatError("mini-ImageNet has no downloader here; place the files under "
                               f"{data_dir} ({MINI_FORMAT})")
@@ -302,9 +319,11 @@ def miniimagenet(data_dir: Path, seed: int = 0, download: bool = False) -> TaskS
             f"(labels {min(present)}..{max(present)}; missing e.g. {missing}); expected the 100 "
             f"classes labelled 0..99 in train and test ({MINI_FORMAT})")
     tasks = []
-    for t in range(20):
-        lo = 5 * t
-        mtr, mte = (ytr >= lo) & (ytr < lo + 5), (yte >= lo) & (yte < lo + 5)
-        tasks.append(make_task(f"miniimagenet-{t}", 5, xtr[mtr], ytr[mtr] - lo, xte[mte],
-                               yte[mte] - lo, 0.1, seed, IMAGENET_MEAN, IMAGENET_STD))
+    for t, classes in enumerate(mini_task_classes(seed)):
+        label = torch.full((100,), -1, dtype=torch.long)
+        label[torch.from_numpy(classes)] = torch.arange(len(classes))
+        mtr, mte = label[ytr] >= 0, label[yte] >= 0
+        tasks.append(make_task(f"miniimagenet-{t}", 5, xtr[mtr], label[ytr[mtr]], xte[mte],
+                               label[yte[mte]], MINI_VALID_FRAC, seed, IMAGENET_MEAN,
+                               IMAGENET_STD))
     return TaskStream("miniimagenet", tasks, tuple(xtr.shape[1:]), {"seed": seed})
