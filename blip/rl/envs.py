@@ -322,13 +322,15 @@ def available_cores() -> int:
 def default_threads(suite: str, cores: int | None = None) -> int:
     """torch intra-op threads of a `blip rl` run when ``--threads`` is not given.
 
-    MinAtar: 1. Its agent works on 10x10 inputs and batches of a few thousand, too little
-    per op for threads to pay, and idle OpenMP workers spin on the cores the envs and other
-    processes need: on 2 shared cores 2 threads ran 133 steps/s against 1 thread's 2170.
-    Atari: half the cores, at most 8 (the NatureCNN's 84x84 convolutions do scale, but
-    ale-py's worker threads step the envs on the other half; past 8 the per-minibatch
-    ops are too small to split further). On 2 cores that is 1 (measured 81 steps/s
-    against 29 with 2 threads)."""
+    MinAtar: 1. Its agent works on 10x10 inputs, little work per op, and OpenMP workers
+    spin on cores that the envs and other processes need. On 2 cores (16 envs x 125 steps)
+    2 threads ran 1.4x faster when the machine was idle (7660 against 5440 steps/s) but 16x
+    slower when other jobs shared it (133 against 2170): 1 thread is never far from the best
+    and never collapses.
+    Atari: half the cores, at most 8 (the Nature CNN's 84x84 convolutions do scale, but
+    ale-py's worker threads step the envs on the other half; past 8 the minibatch ops are
+    too small to split further). On 2 cores that is 1: 260 steps/s against 69 with 2
+    threads idle, 81 against 29 shared."""
     check_suite(suite)
     n = available_cores() if cores is None else cores
     if suite == "minatar5":
