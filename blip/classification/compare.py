@@ -95,7 +95,7 @@ class _Progress:
     def run_done(self) -> None:
         self.bar.update()
 
-    def close(self) -> None:
+    def finish(self) -> None:  # not ``close``: the trainer calls its hooks' close per run
         self.bar.close()
 
 
@@ -154,7 +154,7 @@ def run_all(benchmark: str, methods: Sequence[str], seeds: Sequence[int], out: s
             grouped.setdefault(method, []).append(load_results(found))
             prog.run_done()
     finally:
-        prog.close()
+        prog.finish()
     return grouped
 
 

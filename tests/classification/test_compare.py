@@ -131,3 +131,26 @@ def test_hp_flags_reach_the_methods(tmp_path: Path, capsys) -> None:  # noqa: AN
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
     assert "penalty_step = 'proximal'" in listing and "packnet:" in listing
+
+
+def test_overall_bar_counts_every_run_and_closes_once(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import blip.classification.compare as cmp
+
+    events: list[str] = []
+
+    class Bar:
+        def __init__(self, total: int, desc: str, enabled: bool, **_: object) -> None:
+            events.append(f"open {desc} {total} {enabled}")
+
+        def update(self, **_: object) -> None:
+            events.append("update")
+
+        def close(self) -> None:
+            events.append("close")
+
+    monkeypatch.setattr(cmp, "Progress", Bar)
+    compare("pdigits", ["finetune"], [0, 1], tmp_path / "c", log=lambda _: None, plots=False,
+            progress=True, **SMALL)
+    # the trainer closes its hooks after each run: the overall bar must outlive them
+    assert events == ["open compare 2 True", "update", "update", "close"]
