@@ -25,6 +25,8 @@ COMMANDS = {
     "reproduce": "the authors' run of a benchmark: their command line, then ours with the "
                  "same settings",
 }
+TENSORBOARD_HELP = ("write TensorBoard events to OUT/tensorboard (needs the tensorboard "
+                    "package: pip install tensorboard)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +96,7 @@ def _add_train(sub: Any) -> None:
                    help="the training step: torch.compile'd forward+backward (inductor, the "
                    "default of a bare --compile; aot_eager), or cudagraph (the whole step "
                    "captured; on CPU a stand-in replaying it eagerly); default off")
+    t.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
 
 
 def _add_report(sub: Any) -> None:
@@ -107,8 +110,9 @@ def _add_compare(sub: Any) -> None:
 
     c = sub.add_parser("compare", help=COMMANDS["compare"],
                        description="Run every method for every seed on one benchmark (reusing "
-                       "finished runs in OUT), then write OUT/compare.md, OUT/compare.csv "
-                       "and OUT/compare_accuracy.png.")
+                       "finished runs with the same settings in OUT, in --reuse DIRs and "
+                       "under runs/), then write OUT/compare.md, OUT/compare.csv and "
+                       "OUT/compare_accuracy.png.")
     c.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
     c.add_argument("--methods", default="blip,finetune,freeze",
                    help="comma-separated method names (default blip,finetune,freeze)")
@@ -122,6 +126,10 @@ def _add_compare(sub: Any) -> None:
                    help="a method hyper-parameter (repeatable): METHOD:NAME=VALUE for one "
                    "method, NAME=VALUE for every listed method that accepts NAME")
     c.add_argument("--no-plots", action="store_true")
+    c.add_argument("--reuse", nargs="+", default=[], metavar="DIR",
+                   help="also reuse finished runs with the same settings from these run "
+                   "directories (or folders of them); runs/ is always searched")
+    c.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP + " of each run")
 
 
 def _add_rl(sub: Any) -> None:
@@ -150,15 +158,22 @@ def _add_rl(sub: Any) -> None:
                     "mid-game checkpoints (0: only after each game)")
     rl.add_argument("--seed", type=int, default=0)
     rl.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    rl.add_argument("--threads", type=int, help="torch threads and ALE worker threads")
+    rl.add_argument("--threads", type=int, help="torch threads and ALE worker threads "
+                    "(default: 1 on minatar5, half the cores up to 8 on atari6)")
     rl.add_argument("--out", help="run directory (default runs/rl-<suite>-<method>-seed<k>)")
     rl.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     rl.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     rl.add_argument("--no-plots", action="store_true")
     rl.add_argument("--quiet", action="store_true")
+    rl.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
+    rl.add_argument("--smoke", action="store_true",
+                    help="a quick check that everything runs: 2 games, 2 short rollouts each, "
+                    "1 eval episode of at most 200 steps (options you give still win)")
     rl.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                     help="instead of training: compare finished runs (table; with --out, "
                     "also OUT/compare.md and OUT/compare.png)")
+    # --smoke replaces only the options left at these defaults
+    rl.set_defaults(rl_defaults=dict(vars(rl.parse_args([]))))
 
 
 def _add_reproduce(sub: Any) -> None:
@@ -263,9 +278,20 @@ def _train(a: argparse.Namespace) -> int:
         method_kwargs=method_kwargs, trust_pickles=a.trust_pickles,
         stop_on_nonfinite=a.stop_on_nonfinite, compile=a.compile,
     )
-    train(cfg, a.out or default_run_dir(cfg), resume=a.resume, quiet=a.quiet,
-          plots=not a.no_plots)
+    out = a.out or default_run_dir(cfg)
+    train(cfg, out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
+          hooks=_tensorboard_hooks(a.tensorboard, out))
     return 0
+
+
+def _tensorboard_hooks(wanted: bool, out: Any) -> list[Any]:
+    """``[TensorBoardLog(out)]`` with --tensorboard (a clear error now, before training,
+    when the package is missing), else ``[]``."""
+    if not wanted:
+        return []
+    from .runs.tensorboard import TensorBoardLog
+
+    return [TensorBoardLog(out)]
 
 
 def _compare(a: argparse.Namespace) -> int:
@@ -281,8 +307,14 @@ def _compare(a: argparse.Namespace) -> int:
     if a.trust_pickles:
         overrides["trust_pickles"] = True
     out = a.out or f"runs/compare-{a.benchmark}"
+    if a.tensorboard:
+        from .runs.tensorboard import require
+
+        require()  # before the first run trains
     print(compare(a.benchmark, methods, seeds, out, plots=not a.no_plots,
-                  hparams=compare_hp(a.hp, methods), **overrides))
+                  hparams=compare_hp(a.hp, methods), reuse=a.reuse,
+                  hooks=(lambda d: _tensorboard_hooks(True, d)) if a.tensorboard else None,
+                  progress=sys.stderr.isatty(), **overrides))
     return 0
 
 
@@ -294,6 +326,12 @@ def _rl(a: argparse.Namespace) -> int:
     if a.compare:
         print(compare_runs(a.compare, a.out, plots=not a.no_plots))
         return 0
+    if a.smoke:
+        from .rl.runner import SMOKE
+
+        for k, v in SMOKE.items():
+            if getattr(a, k) == a.rl_defaults[k]:
+                setattr(a, k, v)
     given = {k: v for k, v in (("F_prior", a.F_prior), ("lamb", a.lamb)) if v is not None}
     cfg = RLConfig(
         suite=a.suite, method=a.method, steps=a.steps, envs=a.envs, games=a.games, seed=a.seed,
@@ -302,7 +340,11 @@ def _rl(a: argparse.Namespace) -> int:
         checkpoint_every=a.checkpoint_every, ppo=PPOConfig(lr=a.lr, n_steps=a.n_steps),
         trust_pickles=a.trust_pickles, **given,
     )
-    run_rl(cfg, a.out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots)
+    from .rl.runner import default_run_dir
+
+    out = a.out or default_run_dir(cfg)
+    run_rl(cfg, out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
+           hooks=_tensorboard_hooks(a.tensorboard, out))
     return 0
 
 

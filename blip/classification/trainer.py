@@ -25,6 +25,7 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -256,10 +257,18 @@ class Trainer(Runner):
     cfg: TrainConfig
 
     def __init__(self, cfg: TrainConfig, out: str | Path, quiet: bool = False,
-                 plots: bool = True, stream: TaskStream | None = None) -> None:
+                 plots: bool = True, stream: TaskStream | None = None,
+                 hooks: Sequence[Any] = ()) -> None:
         super().__init__(cfg, out, quiet, plots)  # validates cfg
         _check_method(cfg)  # with the config: preflight(cfg), before any data is loaded
         self._stream = stream
+        # observers (TensorBoard, compare's progress): optional on_epoch / on_task / close
+        self.hooks = list(hooks)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for h in self.hooks:
+            if hasattr(h, event):
+                getattr(h, event)(*args)
 
     # -- setup --------------------------------------------------------------------------
 
@@ -341,6 +350,7 @@ class Trainer(Runner):
             step_time += time.perf_counter() - t0
             epochs_run += 1
             val_loss, val_acc = self.evaluate(net, task, t, "valid", method=method)
+            self._emit("on_epoch", t, val_loss, val_acc, lr)
             if cfg.stop_on_nonfinite and nonfinite_epoch(net, opt, val_loss):
                 stopped_nonfinite = epoch
                 self.log(f"task {t}: non-finite loss at epoch {epoch}: stopping the task and "
@@ -510,6 +520,7 @@ class Trainer(Runner):
         self.warmup_seconds = time.perf_counter() - t0
         net, method = self._setup(stream)
         state = self._start(net, method, T, resume)
+        self._emit("on_start", T, state["task"] + 1)
         n_params = sum(p.numel() for p in net.parameters())
         self.log(f"{cfg.benchmark}: {T} tasks, input {stream.input_shape}; {cfg.method} on "
                  f"{cfg.model} ({n_params} parameters), device {self.device}, kernels "
@@ -520,11 +531,14 @@ class Trainer(Runner):
             state["bits_hist"].append(hist)
             state["task"] = t
             self._log_task(record, state["acc"][t, : t + 1])
+            self._emit("on_task", t, [float(v) for v in state["acc"][t, : t + 1]],
+                       record["capacity"], hist)
             # the checkpoint first: results.json never describes a task the checkpoint
             # lacks (a failed write stops the run with both files at the previous task)
             self._checkpoint(state, net, method)
             self._write_outputs(state, stream, done=t == T - 1)
         results = self._write_outputs(state, stream, done=True)
+        self._emit("close")
         if self.plots:
             try:
                 self._make_plots(results, state["acc"])
@@ -577,6 +591,8 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
-          quiet: bool = False, plots: bool = True) -> dict:
-    """Run (or resume) a whole task stream; returns the results dict."""
-    return Trainer(cfg, out or default_run_dir(cfg), quiet=quiet, plots=plots).run(resume)
+          quiet: bool = False, plots: bool = True, hooks: Sequence[Any] = ()) -> dict:
+    """Run (or resume) a whole task stream; returns the results dict. ``hooks``: observers
+    of epochs and tasks (:class:`Trainer`), e.g. :class:`blip.runs.tensorboard.TensorBoardLog`."""
+    return Trainer(cfg, out or default_run_dir(cfg), quiet=quiet, plots=plots,
+                   hooks=hooks).run(resume)

@@ -28,6 +28,7 @@ import json
 import pickle
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from ..nn import DEFAULT_MAX_BIT, load_state_dict_atomic
 from ..runs import checkpoint as ckpt
 from ..runs.backend_info import kernel_backend
 from ..runs.metrics import matrix_from_list, matrix_to_list
-from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
+from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, plural, run_name
 from ..runs.safeload import trusting
 from ..runs.seeds import derive_seed
 from .agent import ActorCritic, build_agent, count_params
@@ -50,6 +51,7 @@ from .envs import (
     VecEnv,
     action_counts,
     check_suite,
+    default_threads,
     make_env,
 )
 from .envstate import dump_minatar, load_minatar
@@ -62,6 +64,11 @@ CKPT_VERSION = 1
 CHECKPOINT_KEYS = ("config", "state", "model", "method")
 #: the published per-game budget on a GPU; CPU runs pass --steps
 DEFAULT_STEPS = {"atari6": 10_000_000, "minatar5": 1_000_000}
+#: `blip rl --smoke`: two games, two short rollouts each, one short eval episode; the
+#: settings a user does not give. A two-game MinAtar run takes seconds on 2 CPU cores.
+SMOKE: dict[str, Any] = {"games": 2, "envs": 4, "n_steps": 64, "steps": 512,
+                         "eval_episodes": 1, "eval_max_steps": 200, "gif_frames": 8,
+                         "checkpoint_every": 0}
 
 
 @dataclass
@@ -75,7 +82,8 @@ class RLConfig:
     games: int | None = None  # learn only the first N games of the suite
     seed: int = 0
     device: str = "cpu"
-    threads: int | None = None  # torch intra-op threads (and ALE worker threads)
+    # torch intra-op threads (and ALE worker threads); None: envs.default_threads(suite)
+    threads: int | None = None
     F_prior: float = 5e-18
     max_bit: int = DEFAULT_MAX_BIT
     lamb: float = 5000.0  # EWC's lambda
@@ -164,9 +172,21 @@ class RLRunner(Runner):
     cfg: RLConfig
 
     def __init__(self, cfg: RLConfig, out: str | Path, *, quiet: bool = False,
-                 plots: bool = True, progress: bool | None = None) -> None:
+                 plots: bool = True, progress: bool | None = None,
+                 hooks: Sequence[Any] = ()) -> None:
         super().__init__(cfg, out, quiet, plots, progress)
         self.games = list(cfg.game_names())
+        # torch's default (every core) is up to 16x slower here: see default_threads
+        self.threads = cfg.threads or default_threads(cfg.suite)
+        if cfg.threads is None and self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        # observers (TensorBoard): optional on_update / on_game / close
+        self.hooks = list(hooks)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for h in self.hooks:
+            if hasattr(h, event):
+                getattr(h, event)(*args)
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -208,6 +228,7 @@ class RLRunner(Runner):
             "updates_per_game": self.cfg.n_updates(),
             "config": self.cfg.to_dict(), "torch": torch.__version__, "device": str(self.device),
             "kernel_backend": kernel_backend(self.device),
+            "torch_threads": torch.get_num_threads(),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
@@ -258,7 +279,7 @@ class RLRunner(Runner):
             method.load_state_dict(c["method"])
             mid = c.get("mid")
             where = (f"in game {c['state']['games_done']} at update {mid['update']}" if mid
-                     else f"after {c['state']['games_done']} game(s)")
+                     else f"after {plural(c['state']['games_done'], 'game')}")
             self.log(f"resuming {self.out} {where}")
             return c["state"], mid
         if resume:
@@ -327,6 +348,8 @@ class RLRunner(Runner):
                 recent = [r for _, r in curve[-10:]]
                 bar.update(ret=f"{np.mean(recent):.1f}" if recent else "-",
                            loss=f"{stats['loss']:.3f}")
+                self._emit("on_update", total_updates,
+                           float(np.mean(recent)) if recent else None, float(stats["loss"]))
                 total_updates += 1
                 every = cfg.checkpoint_every
                 if every and (u + 1) % every == 0 and u + 1 < n_updates:
@@ -348,6 +371,10 @@ class RLRunner(Runner):
         end = method.end_game(g, batch.obs, self._generator(cfg.seed, g, 3))
         t2 = time.perf_counter()
         raw = matrix_from_list(st["raw"])
+        # evaluation can take longer than training on short runs: say so, show a bar
+        self.log(f"evaluating {plural(g + 1, 'game')} x {plural(cfg.eval_episodes, 'episode')}"
+                 f" (at most {self._eval_max_steps()} steps each)")
+        bar = Progress(g + 1, f"eval after {self.games[g]}", self.progress, unit="game")
         for j in range(g + 1):
             returns, frames = play(
                 model, cfg.suite, tuple(self.games), j, episodes=cfg.eval_episodes,
@@ -358,6 +385,8 @@ class RLRunner(Runner):
                 from .gifs import write_gif
 
                 write_gif(frames, self.out / "gifs" / f"after{g}_game{j}.gif")
+            bar.update(game=self.games[j], ret=f"{raw[g, j]:.3g}")
+        bar.close()
         t3 = time.perf_counter()
         curve = st["curves"][g]
         st["raw"] = matrix_to_list(raw)
@@ -390,11 +419,11 @@ class RLRunner(Runner):
         if actual != cfg.steps_per_game():
             self.log(f"steps {cfg.steps_per_game()} is not a multiple of envs * n_steps = "
                      f"{cfg.rollout_steps()}: each game runs {actual} env steps "
-                     f"({n_updates} whole rollouts)")
-        self.log(f"{cfg.suite} / {cfg.method}: {n_games} games {self.games}, "
-                 f"{actual} steps/game ({n_updates} updates of {cfg.envs}x"
+                     f"({plural(n_updates, 'whole rollout')})")
+        self.log(f"{cfg.suite} / {cfg.method}: {plural(n_games, 'game')} {self.games}, "
+                 f"{actual} steps/game ({plural(n_updates, 'update')} of {cfg.envs}x"
                  f"{cfg.ppo.n_steps}), trunk {count_params(model.trunk)} params, device {dev}, "
-                 f"kernels {kernel_backend(dev)}")
+                 f"kernels {kernel_backend(dev)}, {plural(torch.get_num_threads(), 'thread')}")
         total_updates = st["games_done"] * n_updates + (mid["update"] if mid else 0)
 
         for g in range(st["games_done"], n_games):
@@ -409,6 +438,9 @@ class RLRunner(Runner):
             self._save({"version": CKPT_VERSION, "config": cfg.to_dict(), "state": st,
                         "model": model.state_dict(), "method": method.state_dict(), "mid": None})
             self._write_outputs(st, done=g == n_games - 1)
+            end = st["records"][-1]["method"]
+            self._emit("on_game", g, [float(v) for v in raw[g, : g + 1]],
+                       end.get("capacity") or {} if isinstance(end, dict) else {}, model)
             if cfg.gif_frames:
                 self._write_grid()
             row = " ".join(f"{v:.3g}" for v in raw[g, : g + 1])
@@ -417,6 +449,7 @@ class RLRunner(Runner):
             if stop_after_updates is not None and total_updates >= stop_after_updates:
                 return {"stopped": True}
         results = self._write_outputs(st, done=True)
+        self._emit("close")
         mean = results["final_mean_norm"]
         self.log(f"mean normalised score after all games: "
                  f"{'n/a' if mean is None else f'{mean:.3f}'} -> {self.out}")
@@ -446,8 +479,12 @@ def default_run_dir(cfg: RLConfig) -> Path:
 
 
 def run_rl(cfg: RLConfig, out: str | Path | None = None, *, resume: bool = False,
-           quiet: bool = False, plots: bool = True) -> dict[str, Any]:
-    return RLRunner(cfg, out or default_run_dir(cfg), quiet=quiet, plots=plots).run(resume)
+           quiet: bool = False, plots: bool = True, hooks: Sequence[Any] = ()
+           ) -> dict[str, Any]:
+    """``hooks``: observers of updates and games, e.g. blip.runs.tensorboard.TensorBoardLog."""
+    return RLRunner(cfg, out or default_run_dir(cfg), quiet=quiet, plots=plots,
+                    hooks=hooks).run(resume)
 
 
-__all__ = ["CHECKPOINT", "DEFAULT_STEPS", "RLConfig", "RLRunner", "default_run_dir", "run_rl"]
+__all__ = ["CHECKPOINT", "DEFAULT_STEPS", "SMOKE", "RLConfig", "RLRunner", "default_run_dir",
+           "run_rl"]

@@ -19,6 +19,21 @@ from .. import validate
 RUNS_ROOT = Path("runs")
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 rollout``, ``2 rollouts`` (``many``: an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def eta(seconds: float) -> str:
+    """A duration for progress lines: ``42s``, ``3m05s``, ``1h02m``."""
+    s = max(int(round(seconds)), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def run_name(*parts: str, seed: int) -> str:
     """``part1-part2-...-seed<k>``: the directory name of one run."""
     return "-".join([*parts, f"seed{seed}"])
@@ -110,5 +125,5 @@ def pyplot():  # noqa: ANN201 - matplotlib.pyplot, imported lazily
     return plt
 
 
-__all__ = ["RUNS_ROOT", "Progress", "Runner", "matrix_csv", "pyplot", "read_results",
-           "run_name"]
+__all__ = ["RUNS_ROOT", "Progress", "Runner", "eta", "matrix_csv", "plural", "pyplot",
+           "read_results", "run_name"]

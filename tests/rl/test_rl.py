@@ -404,3 +404,60 @@ def test_cli_rl_runs_and_compares(tmp_path, capsys) -> None:
                  "--out", str(tmp_path / "y")]) == 2
     assert "steps must be at least one rollout" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+# -- what a new user meets: threads, --smoke, eval progress, plurals ------------------------
+
+
+def test_default_threads_one_on_minatar_half_the_cores_on_atari() -> None:
+    from blip.rl.envs import default_threads
+    from blip.runs.rundir import plural
+
+    assert [default_threads("minatar5", c) for c in (1, 2, 64)] == [1, 1, 1]
+    assert [default_threads("atari6", c) for c in (1, 2, 3, 6, 16, 64)] == [1, 1, 1, 3, 8, 8]
+    with pytest.raises(ValueError, match="suite"):
+        default_threads("nosuch", 2)
+    assert (plural(1, "whole rollout"), plural(2, "game"), plural(0, "episode")) == (
+        "1 whole rollout", "2 games", "0 episodes")
+
+
+def test_unset_threads_use_the_default_not_every_core() -> None:
+    _need("minatar5")
+    torch.set_num_threads(2)  # torch's default on this 2-core machine
+    runner = RLRunner(_cfg("minatar5"), "unused", quiet=True)
+    assert runner.threads == 1 and torch.get_num_threads() == 1
+    RLRunner(_cfg("minatar5", threads=2), "unused", quiet=True)
+    assert torch.get_num_threads() == 2  # an explicit --threads wins
+
+
+def test_smoke_runs_two_games_with_one_short_eval_episode(tmp_path, capsys) -> None:
+    _need("minatar5")
+    from blip.cli import main
+
+    out = tmp_path / "smoke"
+    assert main(["rl", "--smoke", "--no-plots", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["config"]
+    assert res["complete"] and res["games"] == ["Breakout", "SpaceInvaders"]
+    assert (cfg["eval_episodes"], cfg["eval_max_steps"], cfg["envs"], res["updates_per_game"]
+            ) == (1, 200, 4, 2)
+    assert res["torch_threads"] == 1
+    assert "(2 updates of 4x64)" in log and "1 thread" in log
+    assert "evaluating 1 game x 1 episode" in log and "evaluating 2 games x 1 episode" in log
+    assert "1 games" not in log and "1 episodes" not in log
+    # options the user gives win over the smoke settings
+    assert main(["rl", "--smoke", "--games", "1", "--eval-episodes", "2", "--no-plots",
+                 "--gif-frames", "0", "--out", str(tmp_path / "s1")]) == 0
+    res = json.loads((tmp_path / "s1" / "results.json").read_text())
+    assert res["games"] == ["Breakout"] and res["config"]["eval_episodes"] == 2
+
+
+def test_evaluation_shows_a_progress_bar(tmp_path, capsys) -> None:
+    _need("minatar5")
+    kw = {"games": 1, "steps": 256, "gif_frames": 0,
+          "ppo": PPOConfig(n_steps=64, n_minibatches=2, epochs=1)}
+    RLRunner(_cfg("minatar5", **kw), tmp_path, quiet=False, plots=False, progress=True).run()
+    captured = capsys.readouterr()
+    assert "eval after Breakout" in captured.err
+    assert "evaluating 1 game x 2 episodes" in captured.out
