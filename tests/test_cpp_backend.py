@@ -322,7 +322,10 @@ def test_unavailable_reason_for_cuda() -> None:
     reason = cpp_backend.unavailable_reason(torch.device("cuda"))
     from blip_kernels import _C  # type: ignore[attr-defined]
 
-    assert (reason is None) == bool(_C.has_cuda())
+    # cpp runs on CUDA only with a CUDA build of _C AND a usable GPU (issue 10 item 6).
+    assert (reason is None) == (bool(_C.has_cuda()) and torch.cuda.is_available())
+    if _C.has_cuda() and not torch.cuda.is_available():
+        assert "torch.cuda.is_available()" in reason
 
 
 _BASELINE_SCRIPT = """
