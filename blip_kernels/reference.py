@@ -2,7 +2,7 @@
 
 Every other backend must reproduce these functions (bit-exactly for quantize,
 projection, sync and bits; to fp32 summation-order tolerance for Fisher). The
-semantics are those of ``shared/conformance/README.md``; each function names its
+semantics are those of ``docs/semantics.md``; each function names its
 section. All arithmetic is fp32; low-precision parameters are widened on load and
 rounded to nearest on store.
 

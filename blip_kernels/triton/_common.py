@@ -29,8 +29,6 @@ _KINDS = {torch.float32: KIND_F32, torch.float16: KIND_F16, torch.bfloat16: KIND
 ELEMWISE_BLOCK = 4096 if INTERPRET else 1024
 ELEMWISE_WARPS = 8
 
-FLT_MAX = 3.4028234663852886e38
-
 
 def kind_of(t: torch.Tensor) -> int:
     return _KINDS[t.dtype]
