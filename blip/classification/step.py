@@ -47,9 +47,11 @@ def batches(task: TaskData, x: Tensor, y: Tensor, perm: Tensor, batch: int,
             yield xc[i:i + batch], yc[i:i + batch]
 
 
-def eager_step(method: Method, net: nn.Module, opt: torch.optim.Optimizer, t: int) -> Step:
+def _step_around(loss_fn: Step, method: Method,
+                 opt: torch.optim.Optimizer, t: int) -> Step:
+    # The one training step, whatever computes the loss (eager or compiled).
     def step(x: Tensor, y: Tensor) -> Tensor:
-        loss = method.training_loss(net, x, y, t)
+        loss = loss_fn(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         method.after_backward(t)
@@ -58,6 +60,10 @@ def eager_step(method: Method, net: nn.Module, opt: torch.optim.Optimizer, t: in
         return loss
 
     return step
+
+
+def eager_step(method: Method, net: nn.Module, opt: torch.optim.Optimizer, t: int) -> Step:
+    return _step_around(lambda x, y: method.training_loss(net, x, y, t), method, opt, t)
 
 
 def compiled_step(method: Method, net: nn.Module, opt: torch.optim.Optimizer, t: int,
@@ -72,18 +78,7 @@ def compiled_step(method: Method, net: nn.Module, opt: torch.optim.Optimizer, t:
     def loss_of(x: Tensor, y: Tensor) -> Tensor:
         return method.training_loss(net, x, y, t)
 
-    loss_fn = torch.compile(loss_of, backend=backend, dynamic=False)
-
-    def step(x: Tensor, y: Tensor) -> Tensor:
-        loss = loss_fn(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(t)
-        opt.step()
-        method.after_step(t)
-        return loss
-
-    return step
+    return _step_around(torch.compile(loss_of, backend=backend, dynamic=False), method, opt, t)
 
 
 class Capture(Protocol):
