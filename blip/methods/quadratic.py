@@ -70,11 +70,14 @@ def reference_fisher(method: QuadraticPenaltyMethod, task: int, sample_x: Tensor
     hp = method.hparams
     order = (torch.randperm(sample_x.shape[0], generator=task_generator(hp["seed"], task))
              if shuffle else None)
+    batch = _or(hp["fisher_batch_size"], method.train_batch_size)
     fisher, n_batches = empirical_fisher(
         method.model, sample_x, sample_y, task, order=order, scale=scale, training=training,
-        batch_size=_or(hp["fisher_batch_size"], method.train_batch_size),
-        max_batches=hp["fisher_batches"])
-    return fisher, {"fisher_batches": n_batches}
+        batch_size=batch, max_batches=hp["fisher_batches"])
+    others = [p for p, _ in method.model.named_parameters() if p not in fisher]
+    return fisher, {"fisher_samples": min(sample_x.shape[0], n_batches * batch),
+                    "fisher_batches": n_batches, "fisher_batch_size": batch,
+                    "unregularised": others}
 
 
 FISHERS = ("reference", "blip")

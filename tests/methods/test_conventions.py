@@ -97,7 +97,9 @@ def test_ewc_follows_the_blip_authors_baseline() -> None:
     for t in range(2):
         x, y = _data(t)
         _see_training_batch(method, t)
-        method.after_task(t, x, y)
+        stats = method.after_task(t, x, y)
+        # the whole training set, in the training batch size: 30 = 8 + 8 + 8 + 6
+        assert (stats["fisher_samples"], stats["fisher_batches"]) == (30, 4)
         f_new = _authors_fisher(ref, x, y, t, _shuffle(seed, t, x.shape[0]))
         # fisher = (fisher_new + fisher_old·t)/(t+1): the average over tasks
         fisher = f_new if fisher is None else {n: (f_new[n] + fisher[n] * t) / (t + 1)
