@@ -27,6 +27,8 @@ class EWC(QuadraticPenaltyMethod):
     at constant memory and one term per parameter instead of one per task)."""
 
     name = "ewc"
+    # DDP-safe (README.md, "Distributed"): the Fisher is sharded and all-reduced
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 5000.0,  # λ, penalty strength (the BLIP/HAT authors' EWC baseline value)

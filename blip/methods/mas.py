@@ -49,6 +49,8 @@ class MAS(QuadraticPenaltyMethod):
     summed over tasks; anchor = θ after the last task; penalty ``λ Σ Ω (θ − θ*)²``."""
 
     name = "mas"
+    # DDP-safe (README.md, "Distributed"): the importances are sharded and all-reduced
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 1.0,  # λ, penalty strength (the paper's value)

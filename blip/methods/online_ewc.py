@@ -16,6 +16,8 @@ class OnlineEWC(QuadraticPenaltyMethod):
     latest anchor; penalty ``λ/2 · Σ_i F_i (θ_i − θ*_i)²``."""
 
     name = "online-ewc"
+    # DDP-safe (README.md, "Distributed"): the Fisher is sharded and all-reduced
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 5000.0,  # λ, penalty strength (as our EWC, so the two compare directly)

@@ -25,6 +25,8 @@ class SI(QuadraticPenaltyMethod):
     """
 
     name = "si"
+    # DDP-safe (README.md, "Distributed"): the path integral uses the all-reduced gradients
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "c": 0.1,  # c, penalty strength (Zenke et al.'s permuted-MNIST/CIFAR value)
