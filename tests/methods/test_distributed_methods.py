@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _spawn import run_ranks
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -20,19 +21,32 @@ from blip import distributed as D
 from blip.methods import METHODS, make_method
 from blip.methods.base import check_distributed
 from blip.methods.hat import agreed_links
+from blip.methods.importance import batch_gradient_importance
 from blip.models import MLP
 
 TASKS, STEPS, BATCH, SAMPLE = 2, 3, 7, 23
-#: small budgets so the 12 methods train in seconds; the Fisher sample has a short batch
-HPARAMS: dict[str, dict] = {
-    "blip": {"fisher_batches": 3, "fisher_batch_size": 9, "F_prior": 1e-12},
-    "ewc": {"fisher_batches": 3, "fisher_batch_size": 9, "seed": 0},
-    "online-ewc": {"fisher_batches": 3, "fisher_batch_size": 9, "seed": 0},
-    "imm-mode": {"fisher_batches": 3, "fisher_batch_size": 9, "seed": 0},
-    "mas": {"chunk": 5},
-    "agem": {"mem_per_task": 11, "ref_batch_size": 9},
-    "packnet": {"retrain_epochs": 1, "retrain_batch_size": 8, "seed": 0},
-    "hat": {"batches_per_epoch": STEPS},
+#: case -> (method, hparams): small budgets so that all train in seconds. The reference
+#: importances batch the sample by the run's batch size (7: 4 batches, 2 per rank); BLIP's
+#: true Fisher has a short last batch (9, 9, 5)
+FISHER = {"fisher_batches": 3, "fisher_batch_size": 9}
+CASES: dict[str, tuple[str, dict]] = {
+    "agem": ("agem", {"mem_per_task": 11, "ref_batch_size": 9}),
+    "blip": ("blip", {**FISHER, "F_prior": 1e-12}),
+    "ewc": ("ewc", {"seed": 0}),
+    "ewc/blip-fisher": ("ewc", {**FISHER, "fisher": "blip", "seed": 0}),
+    "ewc/sum": ("ewc", {"accumulate": "sum", "seed": 0}),
+    "finetune": ("finetune", {}),
+    "freeze": ("freeze", {}),
+    "hat": ("hat", {"batches_per_epoch": STEPS}),
+    "imm-mode": ("imm-mode", {"seed": 0}),
+    "imm-mode/blip-fisher": ("imm-mode", {**FISHER, "fisher": "blip", "seed": 0}),
+    "lwf": ("lwf", {}),
+    "mas": ("mas", {}),
+    "mas/per-sample": ("mas", {"importance": "per-sample", "chunk": 5}),
+    "online-ewc": ("online-ewc", {"seed": 0}),
+    "online-ewc/blip-fisher": ("online-ewc", {**FISHER, "fisher": "blip", "seed": 0}),
+    "packnet": ("packnet", {"retrain_epochs": 1, "retrain_batch_size": 8, "seed": 0}),
+    "si": ("si", {}),
 }
 
 
@@ -42,12 +56,13 @@ def _data() -> list[tuple[Tensor, Tensor]]:
             for _ in range(TASKS)]
 
 
-def _run(name: str) -> dict:
-    """Train ``name`` for TASKS tasks as the trainer would; returns its end-of-task state."""
-    rank, world = D.world()
+def _run(case: str) -> dict:
+    """Train ``case`` for TASKS tasks as the trainer would; returns its end-of-task state."""
+    world = D.world()[1]
+    name, hparams = CASES[case]
     torch.manual_seed(0)
     model = MLP(8, hidden=10, classes_per_task=(3,) * TASKS)
-    method = make_method(name, model, **HPARAMS.get(name, {}))
+    method = make_method(name, model, **hparams)
     net = method.prepare()
     for task, (x, y) in enumerate(_data()):
         torch.manual_seed(100 + task)  # the trainer re-seeds the global RNG per task
@@ -70,8 +85,8 @@ def _run(name: str) -> dict:
         del train
         D.sync_rng_state()
         method.after_task(task, x, y)
-        D.check_identical(net.state_dict(), f"{name}: model after task {task}")
-        D.check_identical(method.distributed_state(), f"{name}: method state after task {task}")
+        D.check_identical(net.state_dict(), f"{case}: model after task {task}")
+        D.check_identical(method.distributed_state(), f"{case}: method state after task {task}")
     return {"model": {k: v.detach().clone() for k, v in net.state_dict().items()},
             "method": {k: v.detach().clone() for k, v in method.distributed_state().items()}}
 
@@ -93,14 +108,32 @@ def _agem_reference() -> dict:
     return {f"{i}": g.clone() for i, g in enumerate(method.ref_grad) if g is not None}
 
 
+def _importance_shards() -> dict:
+    """The reference estimators' loop on its own: 5 batches of 5 (the last of 3) over 23
+    samples, in a shuffled order; which batches this rank ran, and the estimate."""
+    torch.manual_seed(0)
+    model = MLP(8, hidden=10, classes_per_task=(3,) * TASKS)
+    x, y = _data()[0]
+    seen: list[int] = []
+
+    def loss(xb: Tensor, yb: Tensor) -> Tensor:
+        seen.append(xb.shape[0])
+        return F.cross_entropy(model(xb, 0), yb)
+
+    order = torch.randperm(SAMPLE, generator=torch.Generator().manual_seed(3))
+    est, n = batch_gradient_importance(model, loss, x, y, batch_size=5, power=2, scale=2.0,
+                                       training=True, order=order)
+    return {"batches": seen, "n": n, "estimate": est}
+
+
 def _all_methods() -> dict:
-    out = {"agem_reference": _agem_reference(),
+    out = {"agem_reference": _agem_reference(), "importance": _importance_shards(),
            "hat_links": agreed_links([None, 0, 1] if D.world()[0] == 0 else [None, 0, None])}
-    for name in sorted(METHODS):
+    for case in CASES:
         try:
-            out[name] = _run(name)
-        except Exception as e:  # noqa: BLE001 - reported per method by the tests below
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            out[case] = _run(case)
+        except Exception as e:  # noqa: BLE001 - reported per case by the tests below
+            out[case] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
@@ -128,22 +161,18 @@ def test_a_refusal_names_the_method_and_the_reason() -> None:
         check_distributed(cls, 2)  # all 12 are safe
 
 
-SAFE = ["agem", "blip", "ewc", "finetune", "freeze", "hat", "imm-mode", "lwf", "mas",
-        "online-ewc", "packnet", "si"]
-
-
-@pytest.mark.parametrize("name", SAFE)
-def test_method_on_two_ranks_matches_one_process(ranks: list[dict], name: str) -> None:
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_on_two_ranks_matches_one_process(ranks: list[dict], case: str) -> None:
     """Both ranks end bitwise identical (checked in the children too, by check_identical);
     against one process, weights and the method's state (Fisher, importances, masks,
     memory...) agree to rtol 1e-5 (gradients are reduced in another order, and each rank
     forwards a shard). BLIP's bits may differ by one where a Fisher ratio sits on a
     threshold; their fraction is bounded instead."""
-    assert set(METHODS) == set(SAFE)
+    assert {m for m, _ in CASES.values()} == set(METHODS)  # every method is covered
     for r in ranks:
-        assert "error" not in r[name], r[name].get("error")
-    want = _run(name)
-    a, b = ranks[0][name], ranks[1][name]
+        assert "error" not in r[case], r[case].get("error")
+    want = _run(case)
+    a, b = ranks[0][case], ranks[1][case]
     for part in ("model", "method"):
         assert sorted(a[part]) == sorted(b[part]) == sorted(want[part])
         for k in want[part]:
@@ -177,3 +206,14 @@ def test_hat_keeps_an_input_mask_link_only_where_every_rank_probed_it(
         ranks: list[dict]) -> None:
     assert agreed_links([None, 0, 1]) == [None, 0, 1]  # one process: as probed
     assert [r["hat_links"] for r in ranks] == [[None, 0, None]] * 2
+
+
+def test_reference_importance_shards_whole_batches(ranks: list[dict]) -> None:
+    want = _importance_shards()
+    assert want["batches"] == [5, 5, 5, 5, 3] and want["n"] == 5
+    assert [r["importance"]["batches"] for r in ranks] == [[5, 5, 5], [5, 3]]
+    for r in ranks:
+        assert r["importance"]["n"] == 5
+        for k, v in want["estimate"].items():
+            torch.testing.assert_close(r["importance"]["estimate"][k], v, rtol=1e-5,
+                                       atol=1e-6 * float(v.abs().max()), msg=k)
