@@ -119,9 +119,6 @@ def _collectives() -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run_ranks(_collectives, Path(tmp_path_factory.mktemp("dist")))
 
 
 def test_world_and_rows_on_two_ranks(ranks: list[dict]) -> None:
@@ -235,9 +232,24 @@ def fisher_close(got: Tensor, want: Tensor, name: str) -> None:
                                msg=name)
 
 
+def _both() -> dict:
+    return {"collectives": _collectives(), "fisher": _fisher_case()}
+
+
 @pytest.fixture(scope="module")
-def fisher_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run_ranks(_fisher_case, Path(tmp_path_factory.mktemp("fisher")))
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """One spawn for the whole module (each child imports torch afresh)."""
+    return run_ranks(_both, Path(tmp_path_factory.mktemp("dist")))
+
+
+@pytest.fixture(scope="module")
+def ranks(spawned: list[dict]) -> list[dict]:
+    return [r["collectives"] for r in spawned]
+
+
+@pytest.fixture(scope="module")
+def fisher_ranks(spawned: list[dict]) -> list[dict]:
+    return [r["fisher"] for r in spawned]
 
 
 @pytest.fixture(scope="module")
