@@ -67,6 +67,11 @@ def test_checksum_sees_one_bit_and_a_swap() -> None:
     swapped[0, 0], swapped[0, 1] = w[0, 1].item(), w[0, 0].item()
     assert not torch.equal(D.checksum(w), D.checksum(flipped))
     assert not torch.equal(D.checksum(w), D.checksum(swapped))
+    long = torch.randn(3000)  # three rows of the checksum's grid, the last padded
+    for i, j in ((5, 9), (5, 5 + 1024), (2999, 0)):  # same row; same column; far apart
+        swapped = long.clone()
+        swapped[i], swapped[j] = long[j].item(), long[i].item()
+        assert not torch.equal(D.checksum(long), D.checksum(swapped)), (i, j)
     bits = torch.randint(0, 20, (13,), dtype=torch.uint8)  # 13 bytes: uint8 words
     assert torch.equal(D.checksum(bits), D.checksum(bits.clone()))
     bits2 = bits.clone()
