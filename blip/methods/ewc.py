@@ -55,6 +55,8 @@ class EWC(QuadraticPenaltyMethod):
     """
 
     name = "ewc"
+    # DDP-safe (README.md, "Distributed"): the Fisher is sharded and all-reduced
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 5000.0,  # λ (the BLIP/HAT authors' EWC baseline value, their grid's best)

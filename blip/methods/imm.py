@@ -46,6 +46,8 @@ class IMMMode(QuadraticPenaltyMethod):
     """
 
     name = "imm-mode"
+    # DDP-safe (README.md, "Distributed"): Fisher sharded + all-reduced; merge of identical tensors
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 0.01,  # λ of the L2-transfer penalty (the authors' script default)

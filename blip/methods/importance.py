@@ -5,7 +5,10 @@ importance. All three are the same loop: one mini-batch at a time, the gradient 
 divided by the number of batches.
 
 The sums live in accumulators and the division comes last, so the loop shards over
-data-parallel ranks with one all-reduce of (accumulators, batch count) before the division.
+data-parallel ranks: under torch.distributed every rank passes the same sample (and the same
+shuffle order), takes a contiguous block of the batches (:func:`blip.distributed.rows` over
+the batch count), and the accumulators are all-reduced once before the division. In train
+mode, dropout then draws other masks than one process would (the same distribution).
 (BLIP's own per-sample true Fisher is :mod:`blip.fisher`; this module does not change it.)
 """
 
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..modes import train_mode
 from .base import Params
 
@@ -43,18 +47,18 @@ def batch_gradient_importance(model: nn.Module, loss: BatchLoss, x: Tensor, y: T
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    n_batches = 0
+    starts = list(range(0, idx.numel(), batch_size))[:max_batches]
+    n_batches = len(starts)
     with train_mode(model, training):
-        for s in range(0, idx.numel(), batch_size):
-            if max_batches is not None and n_batches == max_batches:
-                break
+        # several ranks: each takes a contiguous block of whole batches (a batch's term is
+        # not a sum over its samples), the sums are all-reduced once; one rank: all of them
+        for s in starts[distributed.rows(n_batches)]:
             b = idx[s:s + batch_size].to(x.device)
             grads = torch.autograd.grad(loss(x[b], y[b]), params, allow_unused=True)
             for a, g in zip(acc, grads, strict=True):
                 if g is not None:
                     a += g.detach().float().abs().pow(power)
-            n_batches += 1
-    # (a data-parallel run all-reduces acc and n_batches here)
+    distributed.all_reduce_sum_(acc)
     return {n: a * (scale / n_batches) for n, a in zip(names, acc, strict=True)}, n_batches
 
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import validate
+from .. import distributed, validate
 from ..modes import train_mode
 from .base import Params, check, nonneg, pos_int, register, seed_ok, snapshot, task_generator
 from .importance import output_norm_importance
@@ -17,7 +17,9 @@ from .quadratic import QuadraticPenaltyMethod
 def mas_importance(model: nn.Module, x: Tensor, task: int, chunk: int = 64) -> Params:
     """``mean_n |∂‖f(x_n)‖²/∂θ|`` per parameter, with ``f`` the task head's logits:
     exact per-sample gradients (``torch.func``), model in eval mode (per-sample
-    gradients are then well defined with BatchNorm/dropout); flags restored."""
+    gradients are then well defined with BatchNorm/dropout); flags restored. Under
+    torch.distributed every rank passes the same ``x`` and sums the rows of its
+    :func:`blip.distributed.rows` share; the sums are all-reduced, then divided by ``len(x)``."""
     from torch.func import functional_call, grad, vmap
 
     if x.shape[0] == 0:
@@ -31,11 +33,13 @@ def mas_importance(model: nn.Module, x: Tensor, task: int, chunk: int = 64) -> P
 
     per_sample = vmap(grad(sq_norm), in_dims=(None, 0))
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    mine = x[distributed.rows(x.shape[0])]  # several ranks: each sums its share of x
     with train_mode(model, False):
-        for s in range(0, x.shape[0], chunk):
-            grads = per_sample(params, x[s:s + chunk])
+        for s in range(0, mine.shape[0], chunk):
+            grads = per_sample(params, mine[s:s + chunk])
             for n, g in grads.items():
                 acc[n] += g.abs().sum(0)
+    distributed.all_reduce_sum_(list(acc.values()))  # identity at world size 1
     return {n: a / x.shape[0] for n, a in acc.items()}
 
 
@@ -65,6 +69,8 @@ class MAS(QuadraticPenaltyMethod):
     """
 
     name = "mas"
+    # DDP-safe (README.md, "Distributed"): the importances are sharded and all-reduced
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 1.0,  # λ, lambda_reg (Avalanche's default, the paper's value)
@@ -108,7 +114,7 @@ class MAS(QuadraticPenaltyMethod):
         if self.hparams["importance"] == "per-sample":
             new = mas_importance(self.model, x, task, self.hparams["chunk"])
         else:
-            batch = self.hparams["importance_batch_size"] or self.train_batch_size
+            batch = self.hparams["importance_batch_size"] or self.run_batch_size()
             new, _ = output_norm_importance(self.model, x, task, batch_size=batch,
                                             training=True)
         a = self.hparams["alpha"]

@@ -41,6 +41,8 @@ class OnlineEWC(QuadraticPenaltyMethod):
     """
 
     name = "online-ewc"
+    # DDP-safe (README.md, "Distributed"): the Fisher is sharded and all-reduced
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 5000.0,  # λ, ewc_lambda (Avalanche has none: the BLIP authors' EWC value)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, true_fisher
 from .base import Method, Params, check, load_params, pos_int, seed_ok, task_generator
 from .importance import empirical_fisher
@@ -70,7 +71,7 @@ def reference_fisher(method: QuadraticPenaltyMethod, task: int, sample_x: Tensor
     hp = method.hparams
     order = (torch.randperm(sample_x.shape[0], generator=task_generator(hp["seed"], task))
              if shuffle else None)
-    batch = _or(hp["fisher_batch_size"], method.train_batch_size)
+    batch = hp["fisher_batch_size"] or method.run_batch_size()
     fisher, n_batches = empirical_fisher(
         method.model, sample_x, sample_y, task, order=order, scale=scale, training=training,
         batch_size=batch, max_batches=hp["fisher_batches"])
@@ -156,6 +157,7 @@ class QuadraticPenaltyMethod(Method, ABC):
         # the largest batch training_loss has seen (the default until the first one)
         self.train_batch_size = DEFAULT_TRAIN_BATCH
         self._seen_batch = False
+        self._largest_share = 0  # the largest batch this rank's training_loss saw
 
     @property
     @abstractmethod
@@ -206,6 +208,19 @@ class QuadraticPenaltyMethod(Method, ABC):
         checked (assigned only with everything else)."""
         return {}
 
+    def run_batch_size(self) -> int:
+        """:attr:`train_batch_size`, the run's largest training batch. Under torch.distributed
+        training_loss sees one rank's share of each batch; as :func:`distributed.rows` splits
+        every batch alike, the ranks' largest shares add up to the largest global batch,
+        which is stored (so the checkpointed state holds it). Every rank must call it."""
+        if not distributed.is_distributed():
+            return self.train_batch_size
+        largest = torch.tensor([self._largest_share], dtype=torch.int64)
+        distributed.all_reduce_sum_([largest])
+        if int(largest) > 0:  # else no batch since the start or the resume: the saved size
+            self.train_batch_size = int(largest)
+        return self.train_batch_size
+
     def penalty(self) -> Tensor:
         weight, anchor = self.quadratic()
         return self.strength * quadratic_sum(self.model, weight, anchor)
@@ -213,6 +228,7 @@ class QuadraticPenaltyMethod(Method, ABC):
     def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
         if not self._seen_batch or x.shape[0] > self.train_batch_size:
             self.train_batch_size, self._seen_batch = int(x.shape[0]), True
+        self._largest_share = max(self._largest_share, int(x.shape[0]))
         loss = F.cross_entropy(model(x, task), y)
         if self.hparams["penalty_step"] == "gradient" and self.quadratic()[0]:
             return loss + self.penalty()

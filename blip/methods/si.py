@@ -45,6 +45,8 @@ class SI(QuadraticPenaltyMethod):
     """
 
     name = "si"
+    # DDP-safe (README.md, "Distributed"): the path integral uses the all-reduced gradients
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "c": 1e3,  # c = si_lambda (Avalanche: no default; 0.1 is ~no penalty under the clip)
