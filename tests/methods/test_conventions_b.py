@@ -282,3 +282,48 @@ def test_hat_schedule_regulariser_masks_and_gradients_are_the_authors() -> None:
     method.after_backward(1)
     for n in names:
         torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-9, msg=n)
+
+
+# -- finetune / freeze: the BLIP authors' sgd.py and sgd_frozen.py ---------------------------
+
+
+def _one_step(name: str, task: int) -> tuple[dict[str, Tensor], dict[str, Tensor],
+                                             dict[str, Tensor]]:
+    """Parameters before and after one step of task ``task`` (after ``task`` earlier tasks),
+    and the task loss's gradients at the step's start."""
+    model = _mlp()
+    method = _fresh(name, model)
+    for t in range(task):
+        _task(method, t)
+    x, y = _data(task)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(F.cross_entropy(model(x[:8], task), y[:8]),
+                                                 list(params.values()), allow_unused=True),
+                     strict=True))
+    method.before_task(task)
+    opt = method.make_optimizer(task, 0.1)
+    loss = method.training_loss(model, x[:8], y[:8], task)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    method.after_backward(task)
+    opt.step()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return before, after, {n: g for n, g in grads.items() if g is not None}
+
+
+@pytest.mark.parametrize("task", [0, 1])
+def test_finetune_step_is_plain_sgd_on_everything(task: int) -> None:
+    before, after, grads = _one_step("finetune", task)
+    for n in before:  # their SGD(model.parameters(), lr, momentum=0): θ − lr·∇CE(head t)
+        want = before[n] - 0.1 * grads[n] if n in grads else before[n]
+        torch.testing.assert_close(after[n], want, rtol=1e-5, atol=0, msg=n)
+    assert any(n.startswith("trunk") for n in grads)
+
+
+def test_freeze_trains_only_the_task_head_after_the_first_task() -> None:
+    before, after, grads = _one_step("freeze", 1)
+    for n in before:  # requires_grad=False outside 'classifier' after task 0
+        want = before[n] - 0.1 * grads[n] if n.startswith("heads.1.") else before[n]
+        torch.testing.assert_close(after[n], want, rtol=1e-5, atol=0, msg=n)
+    assert not torch.equal(after["heads.1.weight"], before["heads.1.weight"])
