@@ -14,6 +14,6 @@ from .base import Method, register
 
 @register
 class Finetune(Method):
-    """Plain SGD on everything: the forgetting baseline."""
+    """Plain SGD on everything: the forgetting baseline (the BLIP authors' ``sgd``)."""
 
     name = "finetune"

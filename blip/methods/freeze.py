@@ -22,7 +22,7 @@ from .base import Method, heads, register
 @register
 class Freeze(Method):
     """Train everything on task 0, then only the current task's head (trunk frozen,
-    BatchNorm running statistics included)."""
+    BatchNorm running statistics included): the BLIP authors' ``sgd-frozen``."""
 
     name = "freeze"
 

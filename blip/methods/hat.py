@@ -55,7 +55,7 @@ class _Embeddings(nn.Module):
 
 @register
 class HAT(Method):
-    """Hard Attention to the Task (Serrà et al. 2018).
+    """Hard Attention to the Task (Serrà et al. 2018), as its authors' code (joansj/hat).
 
     Each trunk layer's output is multiplied by ``a_t = σ(s·e_t)`` per unit/channel
     (forward hooks). Within every epoch ``s`` rises linearly over the batches from

@@ -38,7 +38,7 @@ from .trunk import Layer, add_weight_decay, check_task_order, sgd_without_decay,
 
 @register
 class PackNet(Method):
-    """PackNet (Mallya & Lazebnik 2018).
+    """PackNet (Mallya & Lazebnik 2018), as its authors' code (arunmallya/packnet).
 
     ``owner`` (uint8, one per trunk weight): 0 = free, ``k`` = owned by task ``k − 1``.
     While task ``t`` trains, every weight is used but only free ones are updated
