@@ -327,3 +327,17 @@ def test_freeze_trains_only_the_task_head_after_the_first_task() -> None:
         want = before[n] - 0.1 * grads[n] if n.startswith("heads.1.") else before[n]
         torch.testing.assert_close(after[n], want, rtol=1e-5, atol=0, msg=n)
     assert not torch.equal(after["heads.1.weight"], before["heads.1.weight"])
+
+
+def test_hat_state_of_an_older_run_still_loads() -> None:
+    # blip's earlier HAT state had no "seen_samples": it loads, and the epoch length is
+    # learned again at the next epoch's start
+    method = _fresh("hat", _mlp())
+    _task(method, 0)
+    state = method.state_dict()
+    assert state["seen_samples"] == 24
+    del state["seen_samples"]
+    again = _fresh("hat", _mlp())
+    again.load_state_dict(state)
+    assert again.seen_samples is None and again.seen_batches == state["seen_batches"]
+    assert all(torch.equal(a, b) for a, b in zip(again.cum, method.cum, strict=True))
