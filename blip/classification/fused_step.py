@@ -11,7 +11,7 @@ gradients, hence the weights, BLIP bits and accuracies, are bit-identical to the
 step's (``tests/classification/test_fused_step.py``).
 
 Per layer, with ``g`` the gradient of the layer's output:
-- ``Linear`` (``F.linear`` on 2-D input): forward ``addmm(b, a, W.t())`` (``mm(a, W.t())``
+- ``Linear``: forward ``F.linear`` itself (on 2-D input ``addmm(b, a, W.t())``, ``mm``
   without bias); backward ``mm(g, W)`` (input), ``mm(g.t(), a)`` (weight, as autograd's
   transposed ``mm_mat2_backward``), ``sum(g, [0], keepdim=True).view(-1)`` (bias: sum_to).
 - ``ReLU``: ``relu(a)``; backward ``threshold_backward(g, out, 0)``.
@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
@@ -175,8 +176,7 @@ class FusedStep:
                 saved.append(a)
             else:
                 saved.append(a)
-                w_t = layer.weight.t()
-                a = torch.mm(a, w_t) if layer.bias is None else torch.addmm(layer.bias, a, w_t)
+                a = F.linear(a, layer.weight, layer.bias)  # the eager forward's own call
         logp = torch._log_softmax(a, 1, False)
         loss, total_weight = _nll_loss_forward(logp, y, None, _MEAN, _IGNORE_INDEX)
         g = _nll_loss_backward(self._one, logp, y, None, _MEAN, _IGNORE_INDEX, total_weight)
