@@ -22,8 +22,9 @@ Per layer, with ``g`` the gradient of the layer's output:
 a :class:`blip.models.MLP` as built (a trunk of Linear / ReLU, Linear heads; BLIP's
 QuantLinear in its default ``forward_mode="continuous"``, where its forward is
 ``F.linear``), a method with the base per-step hooks (its loss is the plain
-cross-entropy), no module or parameter hooks, no autocast. Anything else, a model wrapped
-in DistributedDataParallel included, runs the eager step unchanged.
+cross-entropy), no module or parameter hooks, no autocast, no process group of several
+ranks. Anything else, a model wrapped in DistributedDataParallel included, runs the eager
+step unchanged.
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def unsupported(method: Method, net: nn.Module, task: int) -> str | None:
         return "no parameter of the task's layers requires a gradient"
     if torch.is_autocast_enabled(params[0].device.type):
         return "autocast is enabled"
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # whatever wraps the model, gradients of a distributed run are all-reduced by
+        # DistributedDataParallel's autograd hooks: such a run stays on the autograd step
+        return "a distributed process group of several ranks is initialized"
     return None
 
 

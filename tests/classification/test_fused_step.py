@@ -166,6 +166,25 @@ def test_unsupported_names_what_keeps_the_eager_step(tmp_path: Path) -> None:
         dist.destroy_process_group()
 
 
+def test_a_distributed_run_of_several_ranks_stays_on_autograd(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even with the bare model (DDP's gradient all-reduce lives in autograd hooks); one
+    rank alone (world size 1) is fused as usual. Two ranks are simulated: the predicate
+    reads only is_initialized and get_world_size."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    mlp = MLP(4, 6, [3])
+    method = make_method("finetune", mlp)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    assert unsupported(method, mlp, 0) is None
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    assert "several ranks" in unsupported(method, mlp, 0)
+    step = make_step("off", method, mlp, torch.optim.SGD(mlp.parameters(), 0.1), 0, CPU)
+    assert not isinstance(step, FusedStep)
+
+
 def test_make_step_modes() -> None:
     assert "eager" in COMPILE_MODES and "off" in COMPILE_MODES
     torch.manual_seed(0)
