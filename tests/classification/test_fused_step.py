@@ -193,6 +193,10 @@ def test_make_step_modes() -> None:
     opt = m.make_optimizer(0, 0.1)
     assert isinstance(make_step("off", m, net, opt, 0, CPU), FusedStep)
     assert not isinstance(make_step("eager", m, net, opt, 0, CPU), FusedStep)
+    from blip.cli import _parser
+
+    assert _parser().parse_args(["train", "--compile", "eager"]).compile == "eager"
+    assert TrainConfig.from_preset("pdigits", compile="eager").validate() is None
 
 
 @pytest.mark.parametrize(("method", "hp"), [("blip", {}), ("finetune", {}), ("freeze", {}),
