@@ -43,6 +43,7 @@ class AGEM(Method):
     parameters only)."""
 
     name = "agem"
+    DEFAULTS_REVISION = 2  # its reference's conventions (docs/baselines.md)
     # DDP-safe (README.md, "Distributed"): rank 0's reference batch, its gradient all-reduced
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {

@@ -77,6 +77,10 @@ class Method:
     #: None: correct under DistributedDataParallel (README.md here, "Distributed"); else the
     #: one-line reason it refuses to run on several ranks. Every registered method sets its own.
     DISTRIBUTED: ClassVar[str | None] = None
+    #: bumped when the defaults (HPARAMS) change meaning: a run directory written before it
+    #: recorded its resolved hyper-parameters is then neither resumed nor reused by compare
+    #: (revision 2: the reference conventions of docs/baselines.md)
+    DEFAULTS_REVISION: ClassVar[int] = 1
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         if not isinstance(model, nn.Module):

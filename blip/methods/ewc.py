@@ -55,6 +55,7 @@ class EWC(QuadraticPenaltyMethod):
     """
 
     name = "ewc"
+    DEFAULTS_REVISION = 2  # its reference's conventions (docs/baselines.md)
     # DDP-safe (README.md, "Distributed"): the Fisher is sharded and all-reduced
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {

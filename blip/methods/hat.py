@@ -103,6 +103,7 @@ class HAT(Method):
     """
 
     name = "hat"
+    DEFAULTS_REVISION = 2  # its reference's conventions (docs/baselines.md)
     # DDP-safe (README.md, "Distributed"): masks of identical embeddings; probe agreed over ranks
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {

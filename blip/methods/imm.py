@@ -46,6 +46,7 @@ class IMMMode(QuadraticPenaltyMethod):
     """
 
     name = "imm-mode"
+    DEFAULTS_REVISION = 2  # its reference's conventions (docs/baselines.md)
     # DDP-safe (README.md, "Distributed"): Fisher sharded + all-reduced; merge of identical tensors
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {

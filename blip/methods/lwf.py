@@ -63,6 +63,7 @@ class LwF(Method):
     alone first) is not done, as in the reference."""
 
     name = "lwf"
+    DEFAULTS_REVISION = 2  # its reference's conventions (docs/baselines.md)
     # DDP-safe (README.md, "Distributed"): the old model copies identical weights
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {

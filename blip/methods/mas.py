@@ -69,6 +69,7 @@ class MAS(QuadraticPenaltyMethod):
     """
 
     name = "mas"
+    DEFAULTS_REVISION = 2  # its reference's conventions (docs/baselines.md)
     # DDP-safe (README.md, "Distributed"): the importances are sharded and all-reduced
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {

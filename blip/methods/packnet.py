@@ -68,6 +68,7 @@ class PackNet(Method):
     """
 
     name = "packnet"
+    DEFAULTS_REVISION = 2  # its reference's conventions (docs/baselines.md)
     # DDP-safe (README.md, "Distributed"): prunes identical weights; same retraining everywhere
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {

@@ -45,6 +45,7 @@ class SI(QuadraticPenaltyMethod):
     """
 
     name = "si"
+    DEFAULTS_REVISION = 2  # its reference's conventions (docs/baselines.md)
     # DDP-safe (README.md, "Distributed"): the path integral uses the all-reduced gradients
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
