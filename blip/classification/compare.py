@@ -24,7 +24,7 @@ from ..runs import metrics
 from ..runs.checkpoint import write_text_atomic
 from ..runs.rundir import RUNS_ROOT, Progress, eta, pyplot, run_name
 from .report import load_results
-from .trainer import RESULTS, TrainConfig, preflight, train
+from .trainer import RESULTS, TrainConfig, check_same_hparams, preflight, train
 
 #: settings that must match for a finished run to be reused: all that shape its results
 _SAME = TrainConfig.RESULT_KEYS
@@ -38,8 +38,15 @@ def _same_settings(d: Path, cfg: TrainConfig) -> bool | None:
     """Whether the run in ``d`` used cfg's settings; None if ``d`` holds no run."""
     if not (d / RESULTS).is_file():
         return None
-    have, want = TrainConfig.upgrade(load_results(d)["config"]), cfg.to_dict()
-    return all(have.get(k) == want.get(k) for k in _SAME)
+    results = load_results(d)
+    have, want = TrainConfig.upgrade(results["config"]), cfg.to_dict()
+    if not all(have.get(k) == want.get(k) for k in _SAME):
+        return False
+    try:  # the method's resolved hyper-parameters too: its defaults may have changed since
+        check_same_hparams(results.get("method_hparams"), cfg, d)
+    except ValueError:
+        return False
+    return True
 
 
 def candidate_runs(dirs: Sequence[str | Path]) -> list[Path]:

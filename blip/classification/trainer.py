@@ -238,6 +238,35 @@ def method_hparams(cfg: TrainConfig) -> dict:
     return hp
 
 
+def resolved_hparams(cfg: TrainConfig) -> dict[str, Any]:
+    """Every hyper-parameter the method runs with, defaults included, as JSON types, and its
+    class's ``DEFAULTS_REVISION``: recorded in the checkpoint and results.json so that a
+    resume or a reuse by ``blip compare`` never carries a run on under other defaults."""
+    cls = method_class(cfg.method)
+    return {"revision": cls.DEFAULTS_REVISION,
+            "values": ckpt.jsonable({**cls.HPARAMS, **method_hparams(cfg)})}
+
+
+def check_same_hparams(saved: dict[str, Any] | None, cfg: TrainConfig, path: Path) -> None:
+    """Refuse a run directory whose method ran with other hyper-parameters than ``cfg``'s
+    (``saved``: its recorded :func:`resolved_hparams`; None for a run written before they
+    were recorded, which is accepted only while the method's defaults are unchanged)."""
+    now = resolved_hparams(cfg)
+    if saved is None:
+        if now["revision"] == 1:
+            return
+        raise ValueError(f"cannot resume {path}: it was written before method {cfg.method!r} "
+                         f"recorded its hyper-parameters, and the method's defaults have "
+                         f"changed since (docs/baselines.md); start the run again")
+    if saved != now:
+        old, new = saved.get("values", {}), now["values"]
+        diff = sorted(k for k in {*old, *new} if old.get(k) != new.get(k)) or ["revision"]
+        detail = ", ".join(f"{k}: {old.get(k)!r} vs now {new.get(k)!r}" for k in diff)
+        raise ValueError(f"cannot resume {path}: method {cfg.method!r} ran with other "
+                         f"hyper-parameters ({detail}); pass the same --hp values or start "
+                         f"the run again")
+
+
 def _check_method(cfg: TrainConfig) -> None:
     # the method's __init__ checks its hyper-parameters; built on a tiny bundled model,
     # trunk and heads, so a method that looks at the model's shape finds the usual one
@@ -453,6 +482,7 @@ class Trainer(Runner):
             "bits_hist": state["bits_hist"],
             **fisher_summary(self.cfg, records),
             "config": self.cfg.to_dict(),
+            "method_hparams": resolved_hparams(self.cfg),
             "torch": torch.__version__,
             "device": str(self.device),
             "kernel_backend": kernel_backend(self.device),
@@ -480,6 +510,7 @@ class Trainer(Runner):
     def _checkpoint(self, state: dict, net: nn.Module, method: Method) -> None:
         ckpt.save_atomic({
             "version": 1, "task": state["task"], "config": self.cfg.to_dict(),
+            "method_hparams": resolved_hparams(self.cfg),
             "model": net.state_dict(), "method": method.state_dict(), "rng": ckpt.rng_state(),
             "acc": metrics.matrix_to_list(state["acc"]), "records": state["records"],
             "bits_hist": state["bits_hist"],
@@ -492,6 +523,7 @@ class Trainer(Runner):
             c = ckpt.load(path, map_location=self.device, required=CHECKPOINT_KEYS,
                           trust_pickles=self.cfg.trust_pickles)
             self._check_compatible(c["config"])
+            check_same_hparams(c.get("method_hparams"), self.cfg, path)
             load_state_dict_atomic(net, c["model"])
             try:
                 method.load_state_dict(c["method"])
