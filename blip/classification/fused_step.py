@@ -26,8 +26,9 @@ cross-entropy), no module or parameter hooks, no forward / features assigned on 
 object, row-major weights (autograd's weight gradient follows the layout), no autocast, no
 anomaly detection, no process group of several ranks. Anything else, a model wrapped in
 DistributedDataParallel included, runs the eager step unchanged. Per call, class
-probabilities as targets and grad mode off run the eager step; a parameter in several
-layers gets its contributions summed before ``.grad`` as autograd's input buffer does.
+probabilities as targets, grad mode off and an input requiring a gradient run the eager
+step; a parameter in several layers gets its contributions summed before ``.grad`` as
+autograd's input buffer does.
 """
 
 from __future__ import annotations
@@ -178,9 +179,9 @@ class FusedStep:
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         prev = torch.is_grad_enabled()
-        if not prev or y.dim() != 1:
-            # class probabilities as targets (another cross-entropy), or grad mode off
-            # (eager raises): what the eager step does is the answer
+        if not prev or y.dim() != 1 or x.requires_grad:
+            # class probabilities as targets (another cross-entropy), grad mode off (eager
+            # raises) or an input that wants its .grad: what the eager step does is the answer
             return self._eager_step(x, y)
         torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its ~3 µs
         try:

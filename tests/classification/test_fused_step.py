@@ -330,3 +330,19 @@ def test_probability_targets_and_grad_mode_off_behave_as_eager() -> None:
     with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
         step(x, y)
     assert all(torch.equal(v, m.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_an_input_that_requires_grad_gets_its_gradient_as_in_eager() -> None:
+    torch.manual_seed(0)
+    model = MLP(5, 7, [3])
+    x, y = _batches(5, 3, [6])[0]
+    grads = []
+    for i in range(2):
+        m = make_method("finetune", copy.deepcopy(model))
+        opt = torch.optim.SGD(m.model.parameters(), 0.1)
+        step = eager_step(m, m.model, opt, 0) if i == 0 else FusedStep(m, m.model, opt, 0)
+        xi = x.clone().requires_grad_(True)
+        step(xi, y)
+        grads.append(xi.grad)
+    assert grads[0] is not None and grads[1] is not None
+    assert torch.equal(grads[0], grads[1])
