@@ -22,9 +22,13 @@ Per layer, with ``g`` the gradient of the layer's output:
 a :class:`blip.models.MLP` as built (a trunk of Linear / ReLU, Linear heads; BLIP's
 QuantLinear in its default ``forward_mode="continuous"``, where its forward is
 ``F.linear``), a method with the base per-step hooks (its loss is the plain
-cross-entropy), no module or parameter hooks, no autocast, no process group of several
-ranks. Anything else, a model wrapped in DistributedDataParallel included, runs the eager
-step unchanged.
+cross-entropy), no module or parameter hooks, no forward / features assigned on a module
+object, row-major weights (autograd's weight gradient follows the layout), no autocast, no
+anomaly detection, no process group of several ranks. Anything else, a model wrapped in
+DistributedDataParallel included, runs the eager step unchanged. Per call, class
+probabilities as targets, grad mode off and an input requiring a gradient run the eager
+step; a parameter in several layers gets its contributions summed before ``.grad`` as
+autograd's input buffer does.
 """
 
 from __future__ import annotations
@@ -77,6 +81,12 @@ def _layer_unsupported(name: str, m: nn.Module) -> str | None:
         return f"{name} is a {type(m).__name__}"
     if isinstance(m, QuantLinear) and m.forward_mode != "continuous":
         return f"{name} has forward_mode={m.forward_mode!r}"
+    w = m.weight
+    if w.stride(1) != 1 or w.stride(0) != w.shape[1]:
+        # autograd's weight gradient follows the weight's layout (mm_mat2_backward:
+        # mm(a.t(), g).t() unless W.t() is column-major); the plan's mm(g.t(), a) is the
+        # row-major case only
+        return f"{name}.weight has a non-row-major layout (strides {tuple(w.stride())})"
     return None
 
 
@@ -87,6 +97,11 @@ def unsupported(method: Method, net: nn.Module, task: int) -> str | None:
     if not isinstance(net, MLP) or cls.forward is not MultiHead.forward \
             or cls.features is not MLP.features:
         return f"the model is a {cls.__name__}, not a blip.models.MLP"
+    for name, m in net.named_modules():
+        # a forward / features assigned on the object is what a module call runs
+        own = [f for f in ("forward", "features") if f in vars(m)]
+        if own:
+            return f"{name or 'model'!r} has its own {own[0]!r} attribute"
     own = own_step_hooks(type(method))
     if own:
         return f"method {method.name!r} has its own per-step hooks ({', '.join(own)})"
@@ -116,6 +131,8 @@ def unsupported(method: Method, net: nn.Module, task: int) -> str | None:
         return "no parameter of the task's layers requires a gradient"
     if torch.is_autocast_enabled(params[0].device.type):
         return "autocast is enabled"
+    if torch.is_anomaly_enabled():  # eager's backward raises on a NaN; no backward here
+        return "autograd anomaly detection is enabled"
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # whatever wraps the model, gradients of a distributed run are all-reduced by
@@ -151,22 +168,44 @@ class FusedStep:
         self.layers = layers
         self.first = next(i for i, layer in enumerate(layers)
                           if layer is not None and (layer.grad_weight or layer.grad_bias))
+        # a parameter in several layers: autograd sums its contributions before .grad
+        ids = [id(t) for layer in layers if layer is not None
+               for t, g in ((layer.weight, layer.grad_weight), (layer.bias, layer.grad_bias))
+               if g]
+        self._shared = len(set(ids)) < len(ids)
+        self._net = net
         p = mods[-1].weight
         self._one = torch.ones((), dtype=p.dtype, device=p.device)  # d loss / d loss
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         prev = torch.is_grad_enabled()
+        if not prev or y.dim() != 1 or x.requires_grad:
+            # class probabilities as targets (another cross-entropy), grad mode off (eager
+            # raises) or an input that wants its .grad: what the eager step does is the answer
+            return self._eager_step(x, y)
         torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its ~3 µs
         try:
             loss, grads = self._forward_backward(x, y)
         finally:
             torch._C._set_grad_enabled(prev)
+        if self._shared:
+            grads = _summed(grads)
         self.opt.zero_grad(set_to_none=True)
         for p, g in grads:
             if p.grad is None:
                 p.grad = g
             else:  # a parameter outside the optimizer: autograd accumulates (in place)
                 p.grad.add_(g)
+        self.method.after_backward(self.task)
+        self.opt.step()
+        self.method.after_step(self.task)
+        return loss
+
+    def _eager_step(self, x: Tensor, y: Tensor) -> Tensor:
+        # step.eager_step's protocol (step.py imports this module, so not called from here)
+        loss = self.method.training_loss(self._net, x, y, self.task)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
         self.method.after_backward(self.task)
         self.opt.step()
         self.method.after_step(self.task)
@@ -201,6 +240,16 @@ class FusedStep:
             if layer.grad_bias:
                 grads.append((layer.bias, torch.sum(g_out, [0], True).view(-1)))
         return loss, grads
+
+
+def _summed(grads: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """One gradient per parameter, its contributions summed in arrival order (autograd's
+    input buffer: later layers first), as AccumulateGrad then receives it."""
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for p, g in grads:
+        seen = out.get(id(p))
+        out[id(p)] = (p, g if seen is None else seen[1] + g)
+    return list(out.values())
 
 
 __all__ = ["STEP_HOOKS", "FusedStep", "own_step_hooks", "unsupported"]

@@ -17,8 +17,9 @@ shuffled loader), and we take at least one sample per task when there are more t
 
 ``convention="blip"`` is blip's earlier form: the reference batch uniform over the
 concatenated memory, dot product, norm and projection over the shared (non-head) parameters
-only (its earlier default ``ref_batch_size`` was 256). The saved state (the memory) is the
-same for both, so checkpoints of older runs still load.
+only (its earlier default ``ref_batch_size`` was 256). The saved state (the memory) records
+the hyper-parameters it was made with; one of an older run (without them) or of other
+values is refused (``base.check_made_with``), so a run never continues under other defaults.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from . import base
 from .base import Method, check, pos_int, register, seed_ok, task_generator
 
 
@@ -167,9 +169,10 @@ class AGEM(Method):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mem_x": self.mem_x, "mem_y": self.mem_y}
+        return {"mem_x": self.mem_x, "mem_y": self.mem_y, base.MADE_WITH: base.made_with(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        base.check_made_with(self, state)  # older runs (other defaults) are refused
         if len(state["mem_x"]) != len(state["mem_y"]):
             raise ValueError("load_state_dict: 'mem_x' and 'mem_y' differ in length")
         device = next(self.model.parameters()).device

@@ -261,3 +261,28 @@ def heads(method: Method) -> nn.ModuleList:
         raise ValueError(f"method {method.name!r} needs a model with a `heads` nn.ModuleList "
                          "(one head per task)")
     return found
+
+
+#: state key of the hyper-parameters a state was made with (:func:`made_with`)
+MADE_WITH = "made_with"
+
+
+def made_with(method: Method) -> dict[str, Any]:
+    """The hyper-parameters that shape a method's numbers (all but ``seed``), saved in its
+    state by methods whose defaults changed while their state kept its layout (lwf, agem,
+    packnet, issue 14): the trainer's resume check compares only the hyper-parameters a run
+    named, so an older run's state would otherwise continue under the new defaults."""
+    return {k: v for k, v in method.hparams.items() if k != "seed"}
+
+
+def check_made_with(method: Method, state: dict[str, Any]) -> None:
+    """Refuse ``state`` unless it was made with ``method``'s hyper-parameters; one without
+    the record (an older version) is a ``KeyError``, reported by the trainer as such."""
+    saved, mine = state[MADE_WITH], made_with(method)
+    if saved != mine:
+        diff = sorted(k for k in {*saved, *mine} if saved.get(k) != mine.get(k))
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
+        now = ", ".join(f"{k}={mine.get(k)!r}" for k in diff)
+        raise ValueError(f"load_state_dict: this {method.name!r} state was made with other "
+                         f"hyper-parameters ({was}; this method has {now}); resume with the "
+                         "same ones or start the run again")

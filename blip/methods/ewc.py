@@ -45,7 +45,8 @@ class EWC(QuadraticPenaltyMethod):
       count, with batches of 20); model in train mode; every parameter.
     * tasks' Fishers averaged: ``F̄ ← (F_t + t·F̄)/(t+1)`` (``accumulate="average"``);
       anchor: the model after the last task (their ``model_old``); λ = 5000, times ½.
-    * Not here: their per-step gradient-norm clip at 100 (the trainer's loop).
+    * Not here (the trainer's loop): their per-step gradient-norm clip at 100, and their
+      validation loss (lr schedule, best epoch), which includes the penalty.
 
     Selectable: ``fisher="blip"`` (BLIP's true Fisher, this method's default before) and
     ``accumulate="sum"`` (Σ_k F_k (θ − θ*_k)², kept as F(θ − θ̄) with the Fisher-weighted

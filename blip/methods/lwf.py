@@ -13,7 +13,8 @@ trained parameters before each step.
 Not followed (trainer concerns): their validation loss for the lr schedule and best epoch
 includes the distillation term; blip's is the task's cross-entropy. blip's previous
 convention (λ 1, T 2, no smoothing, no clipping) is ``lamb=1, T=2, eps=0, clipgrad=0``;
-the saved state is the same, so checkpoints of older runs still load.
+a state records the hyper-parameters it was made with, and one of an older run (without
+them) or of other values is refused (``base.check_made_with``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import MultiHead
+from . import base
 from .base import Method, check, nonneg, register
 
 
@@ -119,9 +121,10 @@ class LwF(Method):
 
     def state_dict(self) -> dict[str, Any]:
         old = None if self.old_model is None else self.old_model.state_dict()
-        return {"old_model": old, "old_tasks": self.old_tasks}
+        return {"old_model": old, "old_tasks": self.old_tasks, base.MADE_WITH: base.made_with(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        base.check_made_with(self, state)  # older runs (other defaults) are refused
         old_tasks = int(state["old_tasks"])
         old_model = None
         if state["old_model"] is not None:

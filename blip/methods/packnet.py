@@ -17,7 +17,8 @@ keeps the last epoch.
 blip's previous convention (2 retraining epochs at lr 0.01, no momentum, batches of 64,
 every task pruned, exactly ``round(prune·n)`` weights released) is ``retrain_epochs=2,
 retrain_lr=0.01, retrain_momentum=0, retrain_batch_size=64, prune_last=True`` (ties at the
-cut-off aside); the saved state is the same, so checkpoints of older runs still load.
+cut-off aside); the saved state records the hyper-parameters it was made with, and one of
+an older run (without them) or of other values is refused (``base.check_made_with``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from .. import validate
 from ..modes import freeze_batchnorm_stats, module_modes, restore_modes
+from . import base
 from .base import Method, check, heads, nonneg, pos_int, register, seed_ok, task_generator
 from .trunk import Layer, add_weight_decay, check_task_order, sgd_without_decay, trunk_layers
 
@@ -245,9 +247,10 @@ class PackNet(Method):
     def state_dict(self) -> dict[str, Any]:
         return {"owners": {f"{n}.weight": o for (n, _), o in zip(self.layers, self.owners,
                                                                  strict=True)},
-                "tasks_done": self.tasks_done}
+                "tasks_done": self.tasks_done, base.MADE_WITH: base.made_with(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        base.check_made_with(self, state)  # older runs (other defaults) are refused
         self._sync()
         names = [f"{n}.weight" for n, _ in self.layers]
         if sorted(state["owners"]) != sorted(names):

@@ -233,3 +233,116 @@ def test_whole_pdigits_run_fused_equals_eager(tmp_path: Path, monkeypatch: pytes
     assert me.keys() == mf.keys()
     for k in me:
         assert torch.equal(me[k], mf[k]), k
+
+
+# -- review: cases the predicate once let through and computed differently from eager ----
+
+def _run_both(model: nn.Module, batches: list, params=None) -> tuple[nn.Module, nn.Module]:  # noqa: ANN001
+    """``model`` trained by the eager and the fused step on ``batches`` (finetune, SGD over
+    ``params(net)``, default all); the fused one is asserted to be a FusedStep."""
+    nets = [copy.deepcopy(model) for _ in range(2)]
+    for i, net in enumerate(nets):
+        m = make_method("finetune", net)
+        opt = torch.optim.SGD(net.parameters() if params is None else params(net), lr=0.1)
+        step = eager_step(m, net, opt, 0) if i == 0 else FusedStep(m, net, opt, 0)
+        for x, y in batches:
+            step(x.clone(), y)
+    return nets[0], nets[1]
+
+
+def _assert_nets_equal(ne: nn.Module, nf: nn.Module) -> None:
+    for (n, pe), pf in zip(ne.named_parameters(), nf.parameters(), strict=True):
+        assert torch.equal(pe, pf), n
+        assert (pe.grad is None) == (pf.grad is None), n
+        if pe.grad is not None:
+            assert torch.equal(pe.grad, pf.grad), n
+
+
+def test_a_layer_used_several_times_accumulates_its_gradient_as_autograd() -> None:
+    """One Linear three times in the trunk, its parameters outside the optimizer (their
+    .grad accumulates over steps): autograd sums the three contributions first, then adds
+    the sum to .grad; adding them to .grad one by one rounds differently."""
+    torch.manual_seed(0)
+    model = MLP(6, 6, [3])
+    lin = model.trunk[0]
+    model.trunk = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), lin, nn.ReLU())
+    ne, nf = _run_both(model, _batches(6, 3, [8] * 20), lambda n: n.heads.parameters())
+    _assert_nets_equal(ne, nf)
+    assert ne.trunk[0].weight.grad is not None
+
+
+def test_a_column_major_weight_keeps_the_eager_step() -> None:
+    """autograd's weight gradient follows the weight's layout (mm(a.t(), g).t() for a
+    transposed-storage weight); the fused step's mm(g.t(), a) would change the bits."""
+    torch.manual_seed(0)
+    model = MLP(6, 5, [3])
+    for m in (model.trunk[0], model.heads[0]):
+        m.weight = nn.Parameter(m.weight.detach().t().contiguous().t())
+    assert not model.trunk[0].weight.is_contiguous()
+    assert "layout" in unsupported(make_method("finetune", model), model, 0)
+    step = make_step("off", make_method("finetune", model), model,
+                     torch.optim.SGD(model.parameters(), 0.1), 0, CPU)
+    assert not isinstance(step, FusedStep)
+
+
+def test_overridden_forward_on_an_instance_keeps_the_eager_step() -> None:
+    """A forward / features replaced on the model or a layer object (not its class) is what
+    eager calls; the fused plan would ignore it."""
+    torch.manual_seed(0)
+    base = MLP(4, 6, [3])
+    net = copy.deepcopy(base)
+    net.features = lambda x: net.trunk(2 * x.reshape(x.shape[0], -1))
+    layer = copy.deepcopy(base)
+    lin = layer.trunk[0]
+    lin.forward = lambda x: torch.nn.functional.linear(x, 2 * lin.weight, lin.bias)
+    top = copy.deepcopy(base)
+    top.forward = lambda x, t: top.heads[t](top.features(x)) * 2
+    for m, where in ((net, "'features'"), (layer, "'trunk.0'"), (top, "'forward'")):
+        reason = unsupported(make_method("finetune", m), m, 0)
+        assert reason is not None and where in reason, (where, reason)
+
+
+def test_anomaly_detection_keeps_the_eager_step() -> None:
+    """Under torch.autograd.detect_anomaly eager raises on a NaN gradient; the fused step
+    has no autograd to check it, so the predicate keeps the eager step."""
+    torch.manual_seed(0)
+    mlp = MLP(4, 6, [3])
+    with torch.autograd.detect_anomaly(check_nan=True):
+        assert "anomaly" in unsupported(make_method("finetune", mlp), mlp, 0)
+    assert unsupported(make_method("finetune", mlp), mlp, 0) is None
+
+
+def test_probability_targets_and_grad_mode_off_behave_as_eager() -> None:
+    """Class probabilities as targets (F.cross_entropy's soft labels) train as eager does;
+    under torch.no_grad the step raises autograd's error, as eager does."""
+    torch.manual_seed(0)
+    model = MLP(5, 7, [3])
+    g = torch.Generator().manual_seed(3)
+    soft = [(torch.randn(8, 5, generator=g), torch.softmax(torch.randn(8, 3, generator=g), 1))
+            for _ in range(5)]
+    ne, nf = _run_both(model, soft)
+    _assert_nets_equal(ne, nf)
+    assert not torch.equal(model.heads[0].weight, nf.heads[0].weight)
+    m = make_method("finetune", copy.deepcopy(model))
+    step = FusedStep(m, m.model, torch.optim.SGD(m.model.parameters(), 0.1), 0)
+    before = copy.deepcopy(m.model.state_dict())
+    x, y = _batches(5, 3, [4])[0]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
+        step(x, y)
+    assert all(torch.equal(v, m.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_an_input_that_requires_grad_gets_its_gradient_as_in_eager() -> None:
+    torch.manual_seed(0)
+    model = MLP(5, 7, [3])
+    x, y = _batches(5, 3, [6])[0]
+    grads = []
+    for i in range(2):
+        m = make_method("finetune", copy.deepcopy(model))
+        opt = torch.optim.SGD(m.model.parameters(), 0.1)
+        step = eager_step(m, m.model, opt, 0) if i == 0 else FusedStep(m, m.model, opt, 0)
+        xi = x.clone().requires_grad_(True)
+        step(xi, y)
+        grads.append(xi.grad)
+    assert grads[0] is not None and grads[1] is not None
+    assert torch.equal(grads[0], grads[1])

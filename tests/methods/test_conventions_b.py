@@ -341,3 +341,25 @@ def test_hat_state_of_an_older_run_still_loads() -> None:
     again.load_state_dict(state)
     assert again.seen_samples is None and again.seen_batches == state["seen_batches"]
     assert all(torch.equal(a, b) for a, b in zip(again.cum, method.cum, strict=True))
+
+
+# -- states of runs made before these defaults are refused, not continued under them ---------
+
+
+@pytest.mark.parametrize(("name", "other"), [("lwf", {"T": 2.0}),
+                                             ("agem", {"convention": "blip"}),
+                                             ("packnet", {"retrain_epochs": 2})])
+def test_a_state_of_an_older_run_or_other_defaults_is_refused(name: str, other: dict) -> None:
+    """Their state kept its layout while their defaults changed (issue 14): an older run's
+    state (no record of its hyper-parameters) must not resume under the new defaults."""
+    method = _fresh(name, _mlp())
+    _task(method, 0)
+    state = method.state_dict()
+    again = _fresh(name, _mlp())
+    again.load_state_dict(state)  # the same hyper-parameters: it loads
+    assert again.state_dict()["made_with"] == state["made_with"]
+    old = {k: v for k, v in state.items() if k != "made_with"}
+    with pytest.raises(KeyError, match="made_with"):  # the trainer: "another version"
+        _fresh(name, _mlp()).load_state_dict(old)
+    with pytest.raises(ValueError, match="made with other hyper-parameters"):
+        _fresh(name, _mlp(), **other).load_state_dict(state)
