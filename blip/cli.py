@@ -97,6 +97,10 @@ def _add_train(sub: Any) -> None:
                    "default of a bare --compile; aot_eager), or cudagraph (the whole step "
                    "captured; on CPU a stand-in replaying it eagerly); default off")
     t.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
+    t.add_argument("--nproc", type=int, help="train on N processes of this machine with "
+                   "DistributedDataParallel (starts torchrun's agent: the same as `torchrun "
+                   "--standalone --nproc-per-node N -m blip train ...`); gloo on CPU, NCCL "
+                   "and one GPU per process with --device cuda")
 
 
 def _add_report(sub: Any) -> None:
@@ -261,9 +265,14 @@ def _methods_text() -> str:
     return "\n".join(lines)
 
 
-def _train(a: argparse.Namespace) -> int:
+def _train(a: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from .classification import ddp
     from .classification.trainer import TrainConfig, default_run_dir, train
 
+    if a.nproc is not None and not ddp.launched_by_torchrun():
+        ddp.check_nproc(a.nproc)
+        if a.nproc > 1:  # each worker runs this command again, without --nproc
+            return ddp.launch(a.nproc, argv)
     method_kwargs = parse_hp(a.hp)
     # the BLIP flags are sugar for --hp (an explicit --hp of the same name wins)
     for name in ("F_prior", "max_bit", "forward_mode"):
@@ -280,7 +289,7 @@ def _train(a: argparse.Namespace) -> int:
     )
     out = a.out or default_run_dir(cfg)
     train(cfg, out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
-          hooks=_tensorboard_hooks(a.tensorboard, out))
+          hooks=_tensorboard_hooks(a.tensorboard and ddp.env_rank() == 0, out))
     return 0
 
 
@@ -367,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if a.command == "train":
-            return _train(a)
+            return _train(a, argv)
         if a.command == "compare":
             return _compare(a)
         if a.command == "report":
