@@ -142,27 +142,39 @@ def all_gather_rows(t: Tensor) -> Tensor:
 
 # -- checksums ---------------------------------------------------------------------------
 
-#: (numel, sum of the raw words, position-weighted sum): a flipped bit changes the first
-#: sum, two swapped words the second; int64 arithmetic wraps, identically on every rank
-_FIELDS = 3
+#: words per row of the checksum's 2-D view (the tensor's words, zero-padded)
+_ROW = 1024
+#: (numel, Σ words, Σ column sums·(column+1), Σ row sums·(row+1)): a flipped bit changes the
+#: plain sum; two swapped words change the column-weighted sum unless they share a column,
+#: then the row-weighted one. int64 arithmetic wraps, identically on every rank.
+_FIELDS = 4
 
 
 def _words(t: Tensor) -> Tensor:
     """The tensor's raw bytes as the widest integer words (at most 32 bits, so the weighted
-    products stay far from int64's range) that tile them, in int64."""
+    sums stay far from int64's range) that tile them."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     for dtype, width in ((torch.int32, 4), (torch.int16, 2)):
         if raw.numel() % width == 0:
-            return raw.view(dtype).to(torch.int64)
-    return raw.to(torch.int64)
+            return raw.view(dtype)
+    return raw
 
 
 def checksum(t: Tensor) -> Tensor:
-    """``(numel, Σ words, Σ words·(i mod 65521 + 1))`` of ``t``'s raw bytes, int64, on CPU."""
+    """:data:`_FIELDS` int64 numbers, on CPU, that differ for tensors whose bytes differ by a
+    flipped bit or a swap of two words (see :data:`_FIELDS`). Two reductions over the
+    words, no int64 copy of them."""
     w = _words(t)
-    pos = torch.arange(w.numel(), dtype=torch.int64, device=w.device) % 65521 + 1
+    pad = (-w.numel()) % _ROW
+    if pad:
+        w = torch.cat([w, w.new_zeros(pad)])
+    grid = w.view(-1, _ROW)
+    cols = grid.sum(0, dtype=torch.int64)
+    rows = grid.sum(1, dtype=torch.int64)
+    col_w = torch.arange(1, _ROW + 1, dtype=torch.int64, device=w.device)
+    row_w = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=w.device)
     return torch.stack([torch.tensor(t.numel(), dtype=torch.int64, device=w.device),
-                        w.sum(), (w * pos).sum()]).cpu()
+                        cols.sum(), (cols * col_w).sum(), (rows * row_w).sum()]).cpu()
 
 
 def _layout_code(named: Mapping[str, Tensor]) -> int:
@@ -175,7 +187,7 @@ def check_identical(named: Mapping[str, Tensor], what: str) -> None:
 
     ``named``: name -> tensor (e.g. ``model.state_dict()``), iterated in its own order,
     which must be the same on every rank. ``what`` says whose state it is in the message.
-    Cost: one small all-gather per call (three int64 per tensor), whatever the tensors'
+    Cost: one small all-gather per call (four int64 per tensor), whatever the tensors'
     sizes. Every rank sees the same gathered checksums, so all ranks raise together.
     """
     if not isinstance(named, Mapping):

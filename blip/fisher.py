@@ -24,6 +24,14 @@ previous train/eval flags are restored afterwards.
 Batching: samples are re-batched to ``batch_size`` whatever the input batching
 (the last batch may be short), and the loss is the mean over each actual batch,
 as the authors' loop computes it.
+
+Several ranks (torch.distributed initialised, world size > 1): every rank must pass the
+same data and an identically seeded generator, so all draw the same global batches; each
+forwards its :func:`blip.distributed.rows` of every batch, the targets are sampled for the
+whole batch from the gathered logits (the same draw as one process), and the accumulators
+are summed over ranks once at the end, then divided by the global sample count. Run it on
+the unwrapped model (never a DistributedDataParallel), so DDP's gradient hooks stay out of
+it. At world size 1 the single-process code path runs unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from torch import Tensor, nn
 
 import blip_kernels
 
+from . import distributed
 from .modes import module_modes, restore_modes
 from .nn import QuantConv2d, QuantLinear
 
@@ -210,33 +219,75 @@ def _accumulate_true_fisher(
         model.eval()
         for p, _ in grad_flags.values():
             p.requires_grad_(True)  # so every hooked output is part of the graph
+        sharded = distributed.is_distributed()
         with torch.enable_grad():
             for x in iter_fisher_batches(batches, n_batches, batch_size, generator):
                 x = x.to(device, non_blocking=True)  # loaders often yield CPU batches
                 recorder.new_batch()
-                logits = forward(x)
-                if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-                    raise ValueError(
-                        f"forward must return logits of shape (N={x.shape[0]}, classes); "
-                        f"got {tuple(logits.shape)}"
-                    )
-                if not torch.isfinite(logits).all():
-                    raise FloatingPointError(
-                        "forward returned NaN/Inf logits while estimating the Fisher: the "
-                        "model or the task's data is not finite"
-                    )
-                y = _sample_targets(logits, generator)
-                loss = F.cross_entropy(logits.float(), y)  # the batch mean (section 7)
+                if sharded:
+                    loss = _shard_loss(x, forward, generator)
+                else:
+                    logits = _checked_logits(forward(x), x.shape[0])
+                    _check_finite(logits)
+                    y = _sample_targets(logits, generator)
+                    loss = F.cross_entropy(logits.float(), y)  # the batch mean (section 7)
                 # Gradients w.r.t. the weights are only a way to drive the backward
                 # through every hooked output; they are discarded (no .grad pollution).
                 torch.autograd.grad(loss, weights, allow_unused=True)
                 n += x.shape[0]
+        if sharded:  # each rank summed its rows' squares: one sum over ranks, then / n
+            distributed.all_reduce_sum_(_unique_tensors(accs))
     finally:
         recorder.remove()
         for p, flag in grad_flags.values():
             p.requires_grad_(flag)
         restore_modes(modes)
     return n
+
+
+def _checked_logits(logits: Tensor, n: int) -> Tensor:
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(
+            f"forward must return logits of shape (N={n}, classes); got {tuple(logits.shape)}"
+        )
+    return logits
+
+
+def _check_finite(logits: Tensor) -> None:
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(
+            "forward returned NaN/Inf logits while estimating the Fisher: the "
+            "model or the task's data is not finite"
+        )
+
+
+def _shard_loss(x: Tensor, forward: Forward, generator: torch.Generator | None) -> Tensor:
+    """This rank's part of one global Fisher batch ``x`` (the same on every rank): its
+    :func:`distributed.rows` are forwarded, the logits of all ranks gathered so the targets
+    are sampled for the whole batch by the same generator call as in one process, and the
+    loss is this rank's share of the batch mean (sum over its rows / global batch size), so
+    the per-sample gradients, hence the squares the hooks add, are the single-process ones.
+    A rank whose share is empty (a short last batch) forwards one row with weight 0."""
+    share = distributed.rows(x.shape[0])
+    empty = share.stop == share.start
+    mine = x[:1] if empty else x[share]
+    logits = _checked_logits(forward(mine), mine.shape[0])
+    full = distributed.all_gather_rows(logits[:0] if empty else logits.detach())
+    _check_finite(full)  # on the gathered logits: every rank raises together
+    y = _sample_targets(full, generator)
+    if empty:
+        return F.cross_entropy(logits.float(), y[:1], reduction="sum") * 0.0
+    return F.cross_entropy(logits.float(), y[share], reduction="sum") / x.shape[0]
+
+
+def _unique_tensors(accs: Accumulators) -> list[Tensor]:
+    """The accumulators, each once (layers sharing a weight share its accumulator)."""
+    seen: dict[int, Tensor] = {}
+    for pair in accs.values():
+        for t in pair:
+            if t is not None:
+                seen.setdefault(id(t), t)
+    return list(seen.values())
 
 
 def estimate_fisher_(

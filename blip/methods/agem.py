@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from .base import Method, pos_int, register, seed_ok, task_generator
 
 
@@ -22,6 +23,8 @@ class AGEM(Method):
     head, and projecting old heads would move them without their task's loss)."""
 
     name = "agem"
+    # DDP-safe (README.md, "Distributed"): rank 0's reference batch, its gradient all-reduced
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **Method.HPARAMS,
         "mem_per_task": 250,  # episodic memory samples kept per task (the paper's MNIST/CIFAR)
@@ -63,9 +66,12 @@ class AGEM(Method):
         n_mem = sum(len(y) for y in self.mem_y)
         idx = torch.randperm(n_mem)[: self.hparams["ref_batch_size"]]
         shared = self.shared_parameters()
-        with torch.enable_grad():
-            ref = torch.autograd.grad(self.memory_loss(self.model, idx), shared,
-                                      allow_unused=True)
+        if distributed.is_distributed():
+            ref = self.sharded_reference_gradient(idx, shared)
+        else:
+            with torch.enable_grad():
+                ref = torch.autograd.grad(self.memory_loss(self.model, idx), shared,
+                                          allow_unused=True)
         self.ref_grad = list(ref)
         pairs = [(p, r) for p, r in zip(shared, ref, strict=True) if r is not None]
         if not pairs:
@@ -82,6 +88,25 @@ class AGEM(Method):
                     p.grad = torch.zeros_like(p)
                 p.grad.sub_(alpha * r)
         self.projections += 1
+
+    def sharded_reference_gradient(self, idx: Tensor,
+                                   shared: list[nn.Parameter]) -> tuple[Tensor, ...]:
+        """``g_ref`` on several ranks: rank 0's draw of the reference batch (each rank's
+        global RNG has been advanced by its own shard's dropout), each rank's share of it
+        (:func:`blip.distributed.rows`) weighted by share / batch, summed over ranks. So
+        every rank projects onto the same ``g_ref``, the batch-mean gradient of one process
+        (dropout masks aside). Unused parameters get a zero ``g_ref``."""
+        distributed.broadcast_([idx], src=0)
+        mine = idx[distributed.rows(idx.numel())]
+        ref: list[Tensor | None] = [None] * len(shared)
+        if mine.numel():
+            with torch.enable_grad():
+                loss = self.memory_loss(self.model, mine) * (mine.numel() / idx.numel())
+                ref = list(torch.autograd.grad(loss, shared, allow_unused=True))
+        out = tuple(torch.zeros_like(p) if r is None else r for p, r in zip(shared, ref,
+                                                                             strict=True))
+        distributed.all_reduce_sum_(out)
+        return out
 
     def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
         if len(self.mem_x) != task:

@@ -54,6 +54,18 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def named_tensors(obj: Any, prefix: str = "") -> dict[str, Tensor]:
+    """The tensors in a (nested) dict / list / tuple, keyed by their dotted path."""
+    if isinstance(obj, Tensor):
+        return {prefix: obj}
+    items = (obj.items() if isinstance(obj, dict)
+             else enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+    out: dict[str, Tensor] = {}
+    for k, v in items:
+        out.update(named_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 class Method:
     """Base class: plain SGD over all parameters, no hooks."""
 
@@ -62,6 +74,9 @@ class Method:
     HPARAMS: ClassVar[dict[str, Any]] = {"momentum": 0.0, "weight_decay": 0.0}
     #: True: the ``seed`` hyper-parameter defaults to the run's seed (the trainer passes it)
     SEED_FROM_RUN: ClassVar[bool] = False
+    #: None: correct under DistributedDataParallel (README.md here, "Distributed"); else the
+    #: one-line reason it refuses to run on several ranks. Every registered method sets its own.
+    DISTRIBUTED: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         if not isinstance(model, nn.Module):
@@ -119,6 +134,12 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def distributed_state(self) -> dict[str, Tensor]:
+        """The tensors that must be bitwise identical on every rank after a task (the
+        trainer's end-of-task checksum, :func:`blip.distributed.check_identical`): by
+        default every tensor in :meth:`state_dict`, named by its path there."""
+        return named_tensors(self.state_dict())
+
     def layer_capacity(self) -> dict[str, float] | None:
         """Used capacity per quantized layer and ``"overall"`` (docs/semantics.md, section 8),
         or None if not applicable."""
@@ -158,6 +179,15 @@ def method_class(name: str) -> type[Method]:
 
 def make_method(name: str, model: nn.Module, **hparams: Any) -> Method:
     return method_class(name)(model, **hparams)
+
+
+def check_distributed(cls: type[Method], world_size: int) -> None:
+    """A ValueError naming the method and its reason if it refuses ``world_size`` > 1 ranks
+    (the trainer calls it before any work)."""
+    reason = cls.DISTRIBUTED
+    if world_size > 1 and reason is not None:
+        raise ValueError(f"method {cls.name!r} cannot train on {world_size} ranks "
+                         f"(torch.distributed): {reason}")
 
 
 # -- helpers shared by the methods ---------------------------------------------------------

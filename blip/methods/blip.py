@@ -20,6 +20,8 @@ class BLIPMethod(Method):
     """BLIP: fused constrained SGD during the task, Fisher -> bits -> sync after it."""
 
     name = "blip"
+    # DDP-safe (README.md, "Distributed"): the Fisher is sharded and all-reduced
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **Method.HPARAMS,
         "max_bit": DEFAULT_MAX_BIT,

@@ -10,3 +10,5 @@ class Finetune(Method):
     """Plain SGD on everything: the forgetting baseline."""
 
     name = "finetune"
+    # DDP-safe (README.md, "Distributed"): gradients only
+    DISTRIBUTED = None

@@ -14,6 +14,8 @@ class Freeze(Method):
     BatchNorm running statistics included)."""
 
     name = "freeze"
+    # DDP-safe (README.md, "Distributed"): gradients only (the frozen trunk is not updated)
+    DISTRIBUTED = None
 
     def prepare(self) -> nn.Module:
         heads(self)

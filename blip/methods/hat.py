@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..modes import batchnorm_layers, module_modes, restore_modes
 from .base import Method, check, heads, nonneg, pos_int, register, tensor_bytes
 from .trunk import (
@@ -33,6 +34,18 @@ class _Embeddings(nn.Module):
         # N(0, 1): nn.Embedding's init, as the paper's code
         self.e = nn.ModuleList(nn.ParameterList(nn.Parameter(torch.randn(u)) for u in units)
                                for _ in range(n_tasks))
+
+
+def agreed_links(src: list[int | None]) -> list[int | None]:
+    """Under torch.distributed each rank probes the input masks on its own shard of the
+    batch; a link is kept only where every rank found it, which is the probe's answer on
+    the whole batch (its test is "all zero" over the rows). Identity on one rank."""
+    world = distributed.world()[1]
+    if world == 1:
+        return src
+    found = torch.tensor([s is not None for s in src], dtype=torch.int64)
+    distributed.all_reduce_sum_([found])
+    return [s if int(f) == world else None for s, f in zip(src, found.tolist(), strict=True)]
 
 
 @register
@@ -71,6 +84,8 @@ class HAT(Method):
     """
 
     name = "hat"
+    # DDP-safe (README.md, "Distributed"): masks of identical embeddings; probe agreed over ranks
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **Method.HPARAMS,
         "s_max": 400.0,  # s_max, the positive scaling's end value (the paper's)
@@ -234,7 +249,7 @@ class HAT(Method):
         self._task = task
         self._sync()
         if self.in_src is None:
-            self.in_src = self._probe_inputs(x, task)
+            self.in_src = agreed_links(self._probe_inputs(x, task))
         s = self.scale()
         self._s = s
         self._batch += 1

@@ -7,8 +7,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import Params, nonneg, pos_int, register, seed_ok, snapshot
-from .quadratic import FISHER_HPARAMS, QuadraticPenaltyMethod, task_fisher
+from .base import Params, nonneg, register, snapshot
+from .quadratic import (
+    FISHER_HPARAMS,
+    QuadraticPenaltyMethod,
+    check_fisher_hparams,
+    reference_fisher,
+    task_fisher,
+)
 
 
 @register
@@ -20,25 +26,41 @@ class IMMMode(QuadraticPenaltyMethod):
     the earlier tasks' Fishers (= the Fisher-weighted mode of all task models with equal
     α), then ``F_{<t} += F_t``; training continues from the merge.
 
-    Where ``F_{<t}`` is zero (e.g. the new task's head, future heads) and for
-    parameters without a Fisher the trained value is kept; where only ``F_t`` is zero
-    (old heads), the previous value. (The authors' script rebinds the loop
-    variable instead of writing the merge into the model, so there it never took
-    effect, and would have zeroed zero-Fisher entries; this is the intended merge.)
+    Reference: Yujun-Shi/BLIP, ``miniImageNetClassification/src/approaches/imm_mode.py``
+    with ``utils.py`` ``fisher_matrix_diag`` (the IMM-mode baseline of the BLIP paper; the
+    same as HAT's ``joansj/hat`` ``src/approaches/imm_mode.py``). Followed by default:
+    λ = 0.01 times ½ over every parameter, the Fishers summed over tasks, and their
+    Fisher (``fisher="reference"``): empirical, true labels, the shuffled training set in
+    batches of the training batch size, squared batch-mean-loss gradients times
+    ``fisher_scale`` = 20, summed, divided by the number of batches, train mode (as EWC's).
+    ``fisher="blip"`` selects BLIP's true Fisher (the default before).
+
+    Deliberate difference, ``merge=True``: the authors' script rebinds the loop variable
+    instead of writing the merge into the model, so there it never took effect (and would
+    have zeroed entries where both Fishers are zero); ``merge=False`` runs it as they ran
+    it (L2 transfer only). Here, where ``F_{<t}`` is zero (e.g. the new task's head,
+    future heads) and for parameters without a Fisher the trained value is kept; where
+    only ``F_t`` is zero (old heads), the previous value. Not here: their per-step
+    gradient-norm clip at 1000 (the trainer's loop). States saved before these conventions
+    are refused.
     """
 
     name = "imm-mode"
+    # DDP-safe (README.md, "Distributed"): Fisher sharded + all-reduced; merge of identical tensors
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **QuadraticPenaltyMethod.HPARAMS,
         "lamb": 0.01,  # λ of the L2-transfer penalty (the authors' script default)
+        "merge": True,  # the intended mode merge; False: the authors' script as it ran
+        "fisher_scale": 20.0,  # the authors' fisher_matrix_diag(sbatch=20) factor
         **FISHER_HPARAMS,
     }
+    CONVENTIONS = ("fisher",)
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         super().__init__(model, **hparams)
-        nonneg(self.name, self.hparams, "lamb")
-        pos_int(self.name, self.hparams, "fisher_batches", "fisher_batch_size")
-        seed_ok(self.name, self.hparams)
+        nonneg(self.name, self.hparams, "lamb", "fisher_scale")
+        check_fisher_hparams(self)
         self.fisher: Params = {}  # Σ of the finished tasks' Fishers
         self.prev: Params = {}  # merged model after the last task (all parameters)
 
@@ -51,8 +73,15 @@ class IMMMode(QuadraticPenaltyMethod):
         return ones, self.prev
 
     def after_task(self, task: int, sample_x: Tensor, sample_y: Tensor) -> dict[str, Any]:
-        new, stats = task_fisher(self, task, sample_x)
-        if self.fisher:
+        if self.hparams["fisher"] == "blip":
+            new, stats = task_fisher(self, task, sample_x)
+        else:
+            new, stats = reference_fisher(self, task, sample_x, sample_y,
+                                          scale=self.hparams["fisher_scale"], training=True,
+                                          shuffle=True)
+        if self.fisher and not self.hparams["merge"]:
+            self.fisher = {n: self.fisher[n] + f for n, f in new.items()}
+        elif self.fisher:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
                     if n not in new:
@@ -68,6 +97,6 @@ class IMMMode(QuadraticPenaltyMethod):
             self.fisher = new
         self.prev = snapshot(self.model)
         self._changed()
-        return {**stats, "merged": task > 0}
+        return {**stats, "merged": task > 0 and self.hparams["merge"]}
 
     STATE = ("fisher", "prev")

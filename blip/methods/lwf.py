@@ -38,6 +38,8 @@ class LwF(Method):
     warm-up (training the new head alone first) is not done."""
 
     name = "lwf"
+    # DDP-safe (README.md, "Distributed"): the old model copies identical weights
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **Method.HPARAMS,
         "lamb": 1.0,  # λ_o, weight of the distillation terms (the paper's value)

@@ -46,6 +46,8 @@ class PackNet(Method):
     """
 
     name = "packnet"
+    # DDP-safe (README.md, "Distributed"): prunes identical weights; same retraining everywhere
+    DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **Method.HPARAMS,
         "prune": 0.75,  # fraction of each layer's free weights released after every task

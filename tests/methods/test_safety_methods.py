@@ -55,13 +55,14 @@ def test_rejected_method_state_changes_nothing() -> None:
     net = MLP(4, 6, [2, 2])
     ewc = make_method("ewc", net)
     good = {n: torch.ones_like(p) for n, p in net.named_parameters()}
-    ewc.load_state_dict({"fisher": good, "anchor": good, "tasks": 1})
+    meta = {"conventions": ewc.conventions(), "train_batch_size": 16}
+    ewc.load_state_dict({"fisher": good, "anchor": good, "tasks": 1, **meta})
     bad_anchor = {**good, "trunk.0.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="anchor"):
         ewc.load_state_dict({"fisher": {n: 2 * v for n, v in good.items()}, "anchor": bad_anchor,
-                             "tasks": 2})
+                             "tasks": 2, **meta})
     assert all(torch.equal(v, good[n]) for n, v in ewc.fisher.items()) and ewc.tasks == 1
     with pytest.raises(ValueError, match="non-finite"):
         ewc.load_state_dict({"fisher": {**good, "trunk.0.weight":
                                         torch.full_like(good["trunk.0.weight"], np.inf)},
-                             "anchor": good, "tasks": 2})
+                             "anchor": good, "tasks": 2, **meta})
