@@ -328,6 +328,9 @@ def _compare(a: argparse.Namespace) -> int:
 
 
 def _rl(a: argparse.Namespace) -> int:
+    from .classification.ddp import single_process_only
+
+    single_process_only("rl")
     from .rl.ppo import PPOConfig
     from .rl.report import compare_runs
     from .rl.runner import RLConfig, run_rl

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .. import validate
 from ..distributed import check_identical, rows, sync_rng_state, world
 from ..methods import Method
+from ..methods.base import check_distributed
 
 #: what torchrun puts in every worker's environment
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -89,6 +90,14 @@ def join(device: str) -> Group:
     return Group(rank, size, str(dist.get_backend()), dev)
 
 
+def single_process_only(command: str) -> None:
+    """Refuse to run ``command`` as several torchrun workers: they would be independent
+    copies writing one run directory, not data-parallel ranks."""
+    if launched_by_torchrun() and _env_int("WORLD_SIZE") > 1:
+        raise ValueError(f"`blip {command}` is single-process (no distributed trainer); "
+                         f"torchrun started {_env_int('WORLD_SIZE')} workers: run it alone")
+
+
 def cpu_threads(requested: int | None, world_size: int) -> int:
     """Intra-op threads of one rank on CPU: ``requested``, else this machine's cores shared
     out between the ranks on it (torchrun's LOCAL_WORLD_SIZE; without torchrun, all
@@ -109,9 +118,7 @@ def check_supported(group: Group, method: type[Method], compile: str) -> None:
     (``Method.DISTRIBUTED``) and a step other than the eager one."""
     if group.world == 1:
         return
-    reason = getattr(method, "DISTRIBUTED", None)
-    if reason is not None:
-        raise ValueError(f"method {method.name!r} cannot train on {group.world} ranks: {reason}")
+    check_distributed(method, group.world)
     if compile != "off":
         raise ValueError(f"compile={compile!r} is not supported on {group.world} ranks (the "
                          "distributed step is the eager one); use compile='off'")
@@ -155,37 +162,43 @@ class _TaskLoss(nn.Module):
         return self.method.training_loss(self.net, x, y, self.t) * scale
 
 
-def sharded_loss(method: Method, net: nn.Module, t: int, device: torch.device,
-                 static_graph: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
+class ShardedLoss:
     """``loss(x, y)`` of a global batch on this rank: its ``rows()`` of the batch through
     the DDP-wrapped task loss, scaled so that DDP's gradient average is the global-batch
     gradient (module doc). A rank whose share is empty forwards one row with scale 0, so it
-    still joins the all-reduce. Built once per task: the parameters that train change."""
-    _, size = world()
-    module = _TaskLoss(method, net, t)
-    if not any(p.requires_grad for p in module.parameters()):
-        wrapped: nn.Module = module  # nothing to reduce (DDP refuses such a module)
-    else:
-        # No buffer is ever re-sent from rank 0 (that would hide a divergence of BLIP's
-        # bits/prev/Fisher buffers; check_identical proves them equal instead): neither at
-        # init (init_sync=False: the replicas are equal by construction, checked at task
-        # end) nor before each forward. find_unused_parameters: other tasks' heads get no
-        # gradient.
-        wrapped = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None,
-            init_sync=False, find_unused_parameters=not static_graph,
-            static_graph=static_graph, **_NO_BUFFER_SYNC)
+    still joins the all-reduce. Built once per task: the parameters that train change.
+    ``ddp``: the DistributedDataParallel module (None when nothing trains)."""
 
-    def loss(x: Tensor, y: Tensor) -> Tensor:
+    def __init__(self, method: Method, net: nn.Module, t: int, device: torch.device,
+                 static_graph: bool = True) -> None:
+        self.module = _TaskLoss(method, net, t)
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        if any(p.requires_grad for p in self.module.parameters()):  # else DDP refuses it
+            # No buffer is ever re-sent from rank 0 (that would hide a divergence of BLIP's
+            # bits/prev/Fisher buffers; check_identical proves them equal instead): neither
+            # at init (init_sync=False: the replicas are equal by construction, checked at
+            # task end) nor before each forward. Other tasks' heads (HAT: embeddings) get no
+            # gradient: static_graph records that once, on the first step (the set is the
+            # same at every step of a task); find_unused_parameters would search the graph
+            # at every step, 1.2-1.8x slower here (benchmarks/distributed.py).
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[device.index] if device.type == "cuda" else None,
+                init_sync=False, find_unused_parameters=not static_graph,
+                static_graph=static_graph, **_NO_BUFFER_SYNC)
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         n = len(y)
         share = rows(n)
         n_r = share.stop - share.start
-        scale = n_r * size / n
+        scale = n_r * world()[1] / n
         if n_r == 0:
             share = slice(0, 1)
-        return wrapped(x[share], y[share], scale)
+        return (self.ddp or self.module)(x[share], y[share], scale)
 
-    return loss
+
+def sharded_loss(method: Method, net: nn.Module, t: int, device: torch.device,
+                 static_graph: bool = True) -> ShardedLoss:
+    return ShardedLoss(method, net, t, device, static_graph)
 
 
 def end_task(net: nn.Module, method: Method, t: int,
@@ -251,4 +264,5 @@ def strip_option(argv: list[str], name: str) -> list[str]:
 
 __all__ = ["Group", "MAX_NPROC", "TORCHRUN_ENV", "check_model", "check_nproc", "check_start",
            "check_states", "check_supported", "cpu_threads", "end_task", "env_rank", "join",
-           "launch", "launched_by_torchrun", "sharded_loss", "strip_option"]
+           "launch", "launched_by_torchrun", "ShardedLoss", "sharded_loss", "single_process_only",
+           "strip_option"]

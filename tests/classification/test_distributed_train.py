@@ -277,3 +277,18 @@ def test_nproc_is_checked_and_stripped() -> None:
     assert r.returncode == 2 and "nproc" in r.stderr, r.stderr
     assert ddp.strip_option(["train", "--nproc", "2", "--epochs", "1", "--nproc=3"],
                             "--nproc") == ["train", "--epochs", "1"]
+
+
+def test_rl_refuses_several_torchrun_workers(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from blip.cli import main
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost",
+           "MASTER_PORT": "29500"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert ddp.env_rank() == 1
+    assert main(["rl", "--smoke", "--out", "unused"]) == 2
+    assert "`blip rl` is single-process" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ddp.single_process_only("rl")  # one worker: allowed
