@@ -12,8 +12,10 @@ inside the step body of ``step.py``, BLIP's fused constrained update) on 1 proce
 Variants: 1 process with 1 and with 2 intra-op threads; 2 ranks x 1 thread with DDP's
 all-reduce as the trainer builds it (``static_graph=True``), with communication disabled
 (a comm hook that returns the local gradient: the same step without the all-reduce, so
-``1 - t_nocomm / t_comm`` is the share of the step spent communicating), and with
-``find_unused_parameters=True`` instead of the static graph. Each repetition spawns the
+``1 - t_nocomm / t_comm`` is the share of the step spent communicating), with
+``find_unused_parameters=True`` instead of the static graph, and with a comm hook that runs
+the all-reduce blocking and times it (``2rank-timed``: the share of rank 0's step spent in
+it, waiting for the other rank included; no overlap with the backward). Each repetition spawns the
 1-process and the 2-rank variants in turn (interleaved); the table gives the median
 samples/s and the range over the repetitions.
 """
@@ -61,8 +63,25 @@ def _no_comm(_, bucket):  # noqa: ANN001, ANN202 - DDP refuses string annotation
     return fut
 
 
+class _Clock:
+    seconds = 0.0
+
+
+def _timed_all_reduce(clock, bucket):  # noqa: ANN001, ANN202 - as _no_comm
+    """DDP's averaging all-reduce, but blocking and timed: the seconds a rank spends in
+    communication (waiting for the other rank included), without overlap with backward."""
+    t0 = time.perf_counter()
+    buf = bucket.buffer().div_(dist.get_world_size())
+    dist.all_reduce(buf)
+    clock.seconds += time.perf_counter() - t0
+    fut = torch.futures.Future()
+    fut.set_result(buf)
+    return fut
+
+
 def _time_steps(model: str, variant: str, steps: int) -> float:
-    """Seconds of ``steps`` training steps (after 3 warm-up steps), barrier to barrier."""
+    """Seconds of ``steps`` training steps (after 3 warm-up steps), barrier to barrier;
+    for ``2rank-timed`` the share of them spent in the all-reduce instead."""
     from blip.classification import ddp
     from blip.classification.step import _step_around, eager_step
 
@@ -75,8 +94,11 @@ def _time_steps(model: str, variant: str, steps: int) -> float:
     else:
         loss = ddp.ShardedLoss(method, net, 0, torch.device("cpu"),
                                static_graph=variant != "2rank-find-unused")
+        clock = _Clock()
         if variant == "2rank-nocomm":
             loss.ddp.register_comm_hook(None, _no_comm)
+        if variant == "2rank-timed":
+            loss.ddp.register_comm_hook(clock, _timed_all_reduce)
         step = _step_around(loss, method, opt, 0)
     b = BATCH[model]
     batches = [(x[i:i + b], y[i:i + b]) for i in range(0, len(y) - b + 1, b)]
@@ -84,12 +106,14 @@ def _time_steps(model: str, variant: str, steps: int) -> float:
         step(*batches[i % len(batches)])
     if dist.is_initialized():
         dist.barrier()
+        clock.seconds = 0.0
     t0 = time.perf_counter()
     for i in range(steps):
         step(*batches[i % len(batches)])
     if dist.is_initialized():
         dist.barrier()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    return clock.seconds / elapsed if variant == "2rank-timed" else elapsed
 
 
 def _worker(rank: int, world: int, store: str, out: str, steps: dict[str, int]) -> None:
@@ -104,7 +128,7 @@ def _worker(rank: int, world: int, store: str, out: str, steps: dict[str, int]) 
                 torch.set_num_threads(threads)
                 res[f"{model}/1proc-{threads}t"] = _time_steps(model, "1proc", steps[model])
         else:
-            for v in ("2rank", "2rank-nocomm", "2rank-find-unused"):
+            for v in ("2rank", "2rank-nocomm", "2rank-find-unused", "2rank-timed"):
                 res[f"{model}/{v}"] = _time_steps(model, v, steps[model])
     if world > 1:
         dist.destroy_process_group()
@@ -132,9 +156,12 @@ def main() -> None:
         for world in (1, 2):
             for k, v in _spawn(world, steps).items():
                 times.setdefault(k, []).append(v)
+    shares = {k.split("/")[0]: v for k, v in times.items() if k.endswith("/2rank-timed")}
     rows = []
     for key, ts in times.items():
         model, variant = key.split("/")
+        if variant == "2rank-timed":
+            continue
         rate = [steps[model] * BATCH[model] / t for t in ts]
         rows.append((model, variant, statistics.median(rate), min(rate), max(rate)))
     comm = {}
@@ -149,7 +176,10 @@ def main() -> None:
     for model, variant, med, lo, hi in rows:
         print(f"| {model} | {variant} | {med:,.0f} | {lo:,.0f}-{hi:,.0f} |")
     for model, share in comm.items():
-        print(f"{model}: communication {100 * share:.0f}% of a 2-rank step")
+        timed = shares[model]
+        print(f"{model}: communication {100 * share:.0f}% of a 2-rank step (1 - no-all-reduce "
+              f"time / time); timed blocking all-reduce {100 * statistics.median(timed):.0f}% "
+              f"({100 * min(timed):.0f}-{100 * max(timed):.0f}%) of its step")
     if a.json:
         Path(a.json).write_text(json.dumps({"times": times, "comm_share": comm,
                                             "steps": a.steps, "reps": a.reps}, indent=1))

@@ -267,12 +267,11 @@ def _methods_text() -> str:
 
 def _train(a: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from .classification import ddp
-    from .classification.trainer import TrainConfig, default_run_dir, train
+    from .classification.trainer import TrainConfig, default_run_dir, preflight, train
 
-    if a.nproc is not None and not ddp.launched_by_torchrun():
+    launch = a.nproc is not None and not ddp.launched_by_torchrun()
+    if launch:
         ddp.check_nproc(a.nproc)
-        if a.nproc > 1:  # each worker runs this command again, without --nproc
-            return ddp.launch(a.nproc, argv)
     method_kwargs = parse_hp(a.hp)
     # the BLIP flags are sugar for --hp (an explicit --hp of the same name wins)
     for name in ("F_prior", "max_bit", "forward_mode"):
@@ -287,6 +286,9 @@ def _train(a: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         method_kwargs=method_kwargs, trust_pickles=a.trust_pickles,
         stop_on_nonfinite=a.stop_on_nonfinite, compile=a.compile,
     )
+    if launch and a.nproc > 1:  # checked here first; each worker runs this command again
+        preflight(cfg)
+        return ddp.launch(a.nproc, argv)
     out = a.out or default_run_dir(cfg)
     train(cfg, out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
           hooks=_tensorboard_hooks(a.tensorboard and ddp.env_rank() == 0, out))

@@ -237,12 +237,16 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        failures = ", ".join(f"rank {f.global_rank} (exit code {f.exitcode})"
-                             for f in e.failures.values())
+        failures = ", ".join(f"rank {rank} ({_exit_text(f.exitcode)})"
+                             for rank, f in sorted(e.failures.items()))
         print(f"blip train: error: {failures} of {nproc} failed (see its error above)",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _exit_text(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def check_nproc(nproc: int) -> None:

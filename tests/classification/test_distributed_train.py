@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,11 +82,11 @@ def test_two_ranks_match_one_process(runs: dict[str, Path]) -> None:
             torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_only_rank_zero_writes(runs: dict[str, Path]) -> None:
-    # one writer: no temp files of another process, one checkpoint and one results.json
-    names = sorted(p.name for p in runs["two"].iterdir())
-    assert names == sorted(p.name for p in runs["one"].iterdir()), names
-    assert not [n for n in names if n.endswith(".tmp")]
+def test_only_rank_zero_writes(runs: dict[str, Path], per_method: list[dict]) -> None:
+    # each rank was given its own directory: only rank 0's exists, with the usual files
+    assert per_method[0]["own_dir"] == sorted(p.name for p in runs["one"].iterdir())
+    assert per_method[1]["own_dir"] is None
+    assert not [p for p in runs["two"].iterdir() if p.name.endswith(".tmp")]
 
 
 # -- kill a rank after task 1's checkpoint, resume ------------------------------------------
@@ -191,6 +192,9 @@ def _methods_and_eval(root: str) -> dict:
             continue
         out[name] = {"acc": acc, "sums": _state_sums(*tr.kept)}
     out["grads"] = _sharded_grads()
+    own = Path(root) / f"own-rank{world()[0]}"
+    train(_cfg(), own, quiet=True, plots=False)
+    out["own_dir"] = sorted(p.name for p in own.iterdir()) if own.exists() else None
     # sharded evaluation against the same network scored whole in the parent
     torch.manual_seed(0)
     stream = load_benchmark("pdigits", seed=0)
@@ -270,11 +274,23 @@ def test_threads_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ddp.cpu_threads(None, 1) == 2
 
 
-def test_nproc_is_checked_and_stripped() -> None:
-    r = subprocess.run([sys.executable, "-m", "blip", "train", "--nproc", "0"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+def _blip(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blip", *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_nproc_is_checked_and_stripped(tmp_path: Path) -> None:
+    r = _blip("train", "--nproc", "0")
     assert r.returncode == 2 and "nproc" in r.stderr, r.stderr
+    # a bad setting is named before any worker starts
+    r = _blip("train", "--nproc", "2", "--lr", "-1", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "lr" in r.stderr and "torch.distributed" not in r.stderr
+    # a worker's own error: each rank names it, the launcher names the failed ranks
+    r = _blip("train", "--nproc", "2", "--model", "alexnet", "--out", str(tmp_path / "x"))
+    assert r.returncode == 1, r.stderr
+    assert "needs image inputs" in r.stderr
+    # (the agent may stop the other rank first: it then reports only the first failure)
+    assert re.search(r"blip train: error: rank \d \(exit code 2\).* of 2 failed", r.stderr)
     assert ddp.strip_option(["train", "--nproc", "2", "--epochs", "1", "--nproc=3"],
                             "--nproc") == ["train", "--epochs", "1"]
 
