@@ -129,9 +129,14 @@ def all_gather_rows(t: Tensor) -> Tensor:
     if size == 1:
         return t
     device = _comm_device(t)
-    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(size)]
-    dist.all_gather(counts, torch.tensor([t.shape[0]], dtype=torch.int64, device=device))
-    ns = [int(c.item()) for c in counts]
+    # rows and a code of (trailing shape, dtype): unequal ones would fail deep inside gloo
+    layout = zlib.crc32(f"{tuple(t.shape[1:])}:{t.dtype}".encode())
+    heads = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(size)]
+    dist.all_gather(heads, torch.tensor([t.shape[0], layout], dtype=torch.int64, device=device))
+    ns = [int(h[0]) for h in heads]
+    if len({int(h[1]) for h in heads}) > 1:
+        raise ValueError(f"all_gather_rows: the ranks' tensors differ beyond the row count "
+                         f"(this rank: shape {tuple(t.shape)}, {t.dtype})")
     most = max(ns)
     padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=device)
     padded[: t.shape[0]] = t.detach()

@@ -96,6 +96,11 @@ def _collectives() -> dict:
     out["gathered"] = D.all_gather_rows(local)
     empty = torch.zeros(0, 2) if rank == 0 else torch.ones(2, 2)
     out["gathered_empty"] = D.all_gather_rows(empty)
+    try:
+        D.all_gather_rows(torch.zeros(1, 2 + rank))
+        out["gather_mismatch"] = ""
+    except ValueError as e:
+        out["gather_mismatch"] = str(e)
     b = torch.full((3,), float(rank))
     D.broadcast_([b], src=1)
     out["broadcast"] = b
@@ -144,6 +149,7 @@ def test_all_gather_rows_uneven(ranks: list[dict]) -> None:
     for r in ranks:
         assert torch.equal(r["gathered"], torch.arange(8.0).view(4, 2))
         assert torch.equal(r["gathered_empty"], torch.ones(2, 2))
+        assert "all_gather_rows: the ranks' tensors differ" in r["gather_mismatch"]
 
 
 def test_broadcast_from_src(ranks: list[dict]) -> None:
