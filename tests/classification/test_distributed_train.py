@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from blip.classification import ddp
 from blip.classification.data import load_benchmark
 from blip.classification.trainer import TrainConfig, Trainer, train
-from blip.distributed import checksum, world
+from blip.distributed import StateMismatchError, checksum, world
 from blip.methods import METHODS, method_class
 from blip.runs import checkpoint as ckpt
 from tests._spawn import run_ranks
@@ -132,6 +132,17 @@ class _Keep(Trainer):
         return super().learn_task(net, method, *args)
 
 
+class _DivergeRank1(Trainer):
+    """Rank 1 nudges one weight of head 0 after training task 0, before the task's end."""
+
+    def train_task(self, net: Any, method: Any, task: Any, t: int) -> dict:
+        info = super().train_task(net, method, task, t)
+        if world()[0] == 1:
+            with torch.no_grad():
+                net.heads[0].weight[0, 0] += 1e-3
+        return info
+
+
 def _state_sums(net: torch.nn.Module, method: Any) -> dict[str, list[int]]:
     named = {f"model.{k}": v for k, v in net.state_dict().items()}
     state = getattr(method, "distributed_state", None)
@@ -192,6 +203,12 @@ def _methods_and_eval(root: str) -> dict:
             continue
         out[name] = {"acc": acc, "sums": _state_sums(*tr.kept)}
     out["grads"] = _sharded_grads()
+    try:
+        _DivergeRank1(_cfg(n_tasks=1, epochs=1), Path(root) / "diverge", quiet=True,
+                      plots=False).run()
+        out["diverged"] = "not caught"
+    except StateMismatchError as e:
+        out["diverged"] = str(e)
     own = Path(root) / f"own-rank{world()[0]}"
     train(_cfg(), own, quiet=True, plots=False)
     out["own_dir"] = sorted(p.name for p in own.iterdir()) if own.exists() else None
@@ -224,6 +241,13 @@ def test_every_method_runs_identically_or_is_refused(per_method: list[dict], nam
     assert "refused" not in r0, r0
     assert r0["acc"] == r1["acc"]
     assert r0["sums"] == r1["sums"]  # every tensor of model and method, bitwise
+
+
+def test_a_diverged_rank_stops_the_run_naming_the_tensor(per_method: list[dict]) -> None:
+    for r in per_method:  # every rank raises, with the same message
+        assert r["diverged"] == per_method[0]["diverged"]
+        assert "end of task 0: model: 'heads.0.weight' differs across ranks: ranks [1]" \
+            in r["diverged"], r["diverged"]
 
 
 def test_sharded_gradient_is_the_global_batch_gradient(per_method: list[dict]) -> None:
