@@ -93,9 +93,12 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
     t.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_MODES,
-                   help="the training step: torch.compile'd forward+backward (inductor, the "
+                   help="the training step: off (default: no compiler; an MLP with a "
+                   "method of the base step hooks runs the fused autograd-free step, "
+                   "bit-identical, others the autograd step), eager (always the autograd "
+                   "step), torch.compile'd forward+backward (inductor, the "
                    "default of a bare --compile; aot_eager), or cudagraph (the whole step "
-                   "captured; on CPU a stand-in replaying it eagerly); default off")
+                   "captured; on CPU a stand-in replaying it eagerly)")
     t.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     t.add_argument("--nproc", type=int, help="train on N processes of this machine with "
                    "DistributedDataParallel (starts torchrun's agent: the same as `torchrun "

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 import ptxas_report  # noqa: E402
 
 STEPS = ["env", "build", "backends", "op_tests_cpp", "op_tests_triton", "bench", "train_blip",
-         "train_finetune", "triton_tests", "index64", "properties"]
+         "train_finetune", "graph_step", "triton_tests", "index64", "properties"]
 
 
 def _run_script(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

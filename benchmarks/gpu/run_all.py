@@ -219,6 +219,11 @@ def make_steps(out: Path, dry_run: bool, build: bool, scratch: Path) -> list[Ste
         if dry_run:
             argv += ["--n-tasks", "2", "--epochs", "1"]
         steps.append(Step(f"train_{method}", argv, 150, collect=run_dir))
+    # issue 18: the CUDA-graph and fused steps bit-identical to autograd, and their speed-ups
+    graph_argv = [PY, str(HERE / "graph_step.py"), "--json", str(out / "graph_step.json")]
+    if dry_run:
+        graph_argv += ["--device", "cpu", "--steps", "12"]
+    steps.append(Step("graph_step", graph_argv, 150))
     steps += [
         Step("triton_tests", pytest + tri_sel, 240, collect="pytest"),
         Step("index64", [PY, str(HERE / "check_index64.py"), *tiny[:1]], 180),

@@ -106,6 +106,15 @@ PRESETS: dict[str, Preset] = {
     "mnist5k-perm": Preset(epochs=20, hidden=200, threads=1,
                            note="embedded; epochs, width ours; not the authors' PMNIST "
                                 "protocol (see presets.py)"),
+    # The authors' PMNIST configuration (the "pmnist" preset below: README / IC/run_mnist.sh
+    # lr 0.01, batch 64, F-prior 1e-15, 200 epochs, their schedule; q_mlp 784 -> 1200, one
+    # hidden layer) on the embedded mnist5k-perm stream. Its loader stays mnist5k-perm's
+    # (see above: no mean/std normalisation, held-out validation where they validate on the
+    # training set, task 0 unpermuted). One thread: ours, as the other embedded presets.
+    "mnist5k-perm-authors": Preset(lr=0.01, batch_size=64, F_prior=1e-15, hidden=1200,
+                                   n_hidden_layers=1, threads=1, **AUTHORS,
+                                   note="the authors' pmnist settings on mnist5k-perm's "
+                                        "data (see presets.py)"),
     # README: run_blip.py --approach blip --experiment mnist5 --lr 0.01 --sbatch 64
     # --F-prior 1e-15 --nepochs 200. Network: q_mlp (IC/run_blip.py:82-83) has ONE hidden
     # layer Linear_Q(784, --ndim) + ReLU (IC/networks/q_mlp.py:15-18), --ndim default 1200

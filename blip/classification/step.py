@@ -1,6 +1,8 @@
-"""One training step of the classification trainer, run three ways, and its input batches.
+"""One training step of the classification trainer, run four ways, and its input batches.
 
 - ``eager``: the method hooks in the protocol's order (``blip/methods/README.md``).
+- ``off`` (the default): the fused step of :mod:`.fused_step` (no autograd, bit-identical)
+  where it applies (an MLP, a method with the base per-step hooks), else ``eager``.
 - ``inductor`` / ``aot_eager``: the method's loss (forward) under ``torch.compile``; its
   backward is the compiled graph AOTAutograd derives. The optimizer step stays the eager
   call: the fused BLIP update is already one custom-op call per param group, and
@@ -27,9 +29,12 @@ from ..distributed import world
 from ..methods import Method, make_method
 from . import ddp
 from .data import TaskData
+from .fused_step import FusedStep, unsupported
 
-#: accepted values of ``TrainConfig.compile`` / ``blip train --compile``
-COMPILE_MODES = ("off", "inductor", "aot_eager", "cudagraph")
+#: accepted values of ``TrainConfig.compile`` / ``blip train --compile``: "off" (no
+#: compiler) runs the fused step where it applies (fused_step.py), else eager; "eager"
+#: always runs the autograd step
+COMPILE_MODES = ("off", "eager", "inductor", "aot_eager", "cudagraph")
 #: bytes of float inputs gathered at once by :func:`batches`
 CHUNK_BYTES = 32 << 20
 
@@ -228,10 +233,12 @@ class GraphStep:
 def make_step(mode: str, method: Method, net: nn.Module, opt: torch.optim.Optimizer, t: int,
               device: torch.device) -> Step | GraphStep:
     if world()[1] > 1:  # each rank its rows of the batch, gradients through DDP (ddp.py)
-        if mode != "off":
+        if mode not in ("off", "eager"):
             raise ValueError(f"compile={mode!r} is not supported on several ranks; use 'off'")
         return _step_around(ddp.sharded_loss(method, net, t, device), method, opt, t)
-    if mode == "off":
+    if mode == "off" and unsupported(method, net, t) is None:
+        return FusedStep(method, net, opt, t)
+    if mode in ("off", "eager"):
         return eager_step(method, net, opt, t)
     if mode in ("inductor", "aot_eager"):
         return compiled_step(method, net, opt, t, mode)

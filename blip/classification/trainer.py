@@ -91,7 +91,8 @@ class TrainConfig:
     trust_pickles: bool = False
     # the authors' NaN stop: a non-finite epoch ends the task, its best state is restored
     stop_on_nonfinite: bool = False
-    # the training step: eager ("off"), torch.compile'd or CUDA-graph captured (step.py)
+    # the training step: fused where it applies, else eager ("off"), autograd ("eager"),
+    # torch.compile'd or CUDA-graph captured (step.py)
     compile: str = "off"
 
     # Keys that change the numbers a run produces: a resume must match them.

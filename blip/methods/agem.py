@@ -1,4 +1,25 @@
-"""``agem``: Averaged GEM, gradient projection against an episodic memory."""
+"""``agem``: Averaged GEM, gradient projection against an episodic memory.
+
+Reference: Avalanche's A-GEM, github.com/ContinualAI/avalanche
+``avalanche/training/plugins/agem.py`` (``AGEMPlugin``) with the ``AGEM`` strategy's
+default ``sample_size=64`` (``avalanche/training/supervised/strategy_wrappers.py``), the
+implementation the field runs. Followed by default: ``mem_per_task`` random samples of each
+finished task (its ``patterns_per_experience``; Avalanche has no default, 250 is the
+A-GEM paper's MNIST/CIFAR memory); the reference batch is task-balanced,
+``ref_batch_size // n_tasks`` samples of each task's memory (its group-balanced loader),
+its loss the mean cross-entropy, each sample on its own task's head, in train mode; the
+dot product and ``‖g_ref‖²`` run over *every* parameter (old heads' reference gradients
+included, the current head's is zero), and the projection is written into every parameter
+that has a gradient (with ``zero_grad(set_to_none=True)`` the old heads have none and stay).
+Two details differ: we draw each task's share afresh every step (Avalanche cycles through a
+shuffled loader), and we take at least one sample per task when there are more tasks than
+``ref_batch_size`` (Avalanche's loader would get batch size 0).
+
+``convention="blip"`` is blip's earlier form: the reference batch uniform over the
+concatenated memory, dot product, norm and projection over the shared (non-head) parameters
+only (its earlier default ``ref_batch_size`` was 256). The saved state (the memory) is the
+same for both, so checkpoints of older runs still load.
+"""
 
 from __future__ import annotations
 
@@ -9,37 +30,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from .base import Method, pos_int, register, seed_ok, task_generator
+from .base import Method, check, pos_int, register, seed_ok, task_generator
 
 
 @register
 class AGEM(Method):
-    """Averaged GEM (Chaudhry et al. 2019): an episodic memory of ``mem_per_task``
-    random training samples per finished task; every step, the gradient ``g_ref`` of
-    the mean loss on a random memory batch (each sample on its own task's head, model
-    in the trainer's mode) is computed and, if ``g·g_ref < 0``,
-    ``g ← g − (g·g_ref)/(g_ref·g_ref)·g_ref`` over the shared (non-head) parameters.
-    Heads are left as the task loss set them (the memory never reaches the current
-    head, and projecting old heads would move them without their task's loss)."""
+    """Averaged GEM (Chaudhry et al. 2019), as Avalanche's plugin: an episodic memory of
+    ``mem_per_task`` random training samples per finished task; every step, the gradient
+    ``g_ref`` of the mean loss on a task-balanced memory batch (each sample on its own
+    task's head) is computed and, if ``g·g_ref < 0``,
+    ``g ← g − (g·g_ref)/(g_ref·g_ref)·g_ref`` (``convention="blip"``: uniform batch, shared
+    parameters only)."""
 
     name = "agem"
     # DDP-safe (README.md, "Distributed"): rank 0's reference batch, its gradient all-reduced
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **Method.HPARAMS,
-        "mem_per_task": 250,  # episodic memory samples kept per task (the paper's MNIST/CIFAR)
-        "ref_batch_size": 256,  # memory samples per reference gradient (the paper's value)
+        "mem_per_task": 250,  # memory samples per task (A-GEM paper's MNIST/CIFAR memory)
+        "ref_batch_size": 64,  # memory samples per reference gradient (Avalanche's sample_size)
+        "convention": "avalanche",  # or "blip": blip's earlier batch and projection
         "seed": None,  # memory selection; None: torch's global RNG (trainer-seeded)
     }
+    CONVENTIONS = ("avalanche", "blip")
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         super().__init__(model, **hparams)
         pos_int(self.name, self.hparams, "mem_per_task", "ref_batch_size")
+        check(self.hparams["convention"] in self.CONVENTIONS,
+              f"method 'agem': convention must be one of {', '.join(self.CONVENTIONS)}; "
+              f"got {self.hparams['convention']!r}")
         seed_ok(self.name, self.hparams)
         self.mem_x: list[Tensor] = []
         self.mem_y: list[Tensor] = []
         self.projections = 0  # steps whose gradient was projected (a statistic)
-        self.ref_grad: list[Tensor | None] = []  # last g_ref, per shared parameter
+        self.ref_grad: list[Tensor | None] = []  # last g_ref, per projected parameter
 
     def shared_parameters(self) -> list[nn.Parameter]:
         heads = getattr(self.model, "heads", None)
@@ -60,20 +85,36 @@ class AGEM(Method):
             total = total + F.cross_entropy(logits, y[sel.to(y.device)], reduction="sum")
         return total / len(t)
 
+    def reference_indices(self) -> Tensor:
+        """Indices (into the concatenated memory) of this step's reference batch."""
+        sizes = [len(y) for y in self.mem_y]
+        bs = self.hparams["ref_batch_size"]
+        if self.hparams["convention"] == "blip":
+            return torch.randperm(sum(sizes))[:bs]
+        per_task = max(1, bs // len(sizes))  # Avalanche: batch_size = sample_size // groups
+        starts = torch.tensor([0, *sizes]).cumsum(0)
+        return torch.cat([starts[k] + torch.randperm(n)[:per_task]
+                          for k, n in enumerate(sizes)])
+
+    def projected_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients the dot product, the norm and the projection see."""
+        if self.hparams["convention"] == "blip":
+            return self.shared_parameters()
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def after_backward(self, task: int) -> None:
         if not self.mem_x:
             return
-        n_mem = sum(len(y) for y in self.mem_y)
-        idx = torch.randperm(n_mem)[: self.hparams["ref_batch_size"]]
-        shared = self.shared_parameters()
+        params = self.projected_parameters()
+        idx = self.reference_indices()
         if distributed.is_distributed():
-            ref = self.sharded_reference_gradient(idx, shared)
+            ref = self.sharded_reference_gradient(idx, params)
         else:
             with torch.enable_grad():
-                ref = torch.autograd.grad(self.memory_loss(self.model, idx), shared,
+                ref = torch.autograd.grad(self.memory_loss(self.model, idx), params,
                                           allow_unused=True)
         self.ref_grad = list(ref)
-        pairs = [(p, r) for p, r in zip(shared, ref, strict=True) if r is not None]
+        pairs = [(p, r) for p, r in zip(params, ref, strict=True) if r is not None]
         if not pairs:
             return
         with torch.no_grad():
@@ -85,6 +126,8 @@ class AGEM(Method):
             alpha = dot / rr
             for p, r in pairs:
                 if p.grad is None:
+                    if self.hparams["convention"] != "blip":
+                        continue  # Avalanche writes only into gradients that exist
                     p.grad = torch.zeros_like(p)
                 p.grad.sub_(alpha * r)
         self.projections += 1

@@ -1,4 +1,12 @@
-"""``blip``: Bit-Level Information Preserving on the method hooks (:class:`blip.BLIP`)."""
+"""``blip``: Bit-Level Information Preserving on the method hooks (:class:`blip.BLIP`).
+
+Reference: the BLIP authors' code, github.com/Yujun-Shi/BLIP (commit 975e6dbc):
+``ImageClassification/src/approaches/blip.py`` (training), ``approaches/blip_utils.py``
+(``estimate_fisher``) and ``networks/quant_layer.py`` (``Linear_Q`` / ``Conv2d_Q``: bits,
+clipping, sync), as specified in docs/semantics.md and pinned by the kernel and strategy
+tests against its formulas; the benchmark presets carry their settings
+(blip/classification/presets.py).
+"""
 
 from __future__ import annotations
 

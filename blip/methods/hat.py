@@ -1,5 +1,23 @@
 """``hat``: Hard Attention to the Task, learned per-task unit gates on the trunk (what the
-trunk is, weight decay, BatchNorm: :mod:`blip.methods.trunk`)."""
+trunk is, weight decay, BatchNorm: :mod:`blip.methods.trunk`).
+
+Reference: the HAT authors' code, github.com/joansj/hat ``src/approaches/hat.py`` (``Appr``;
+the BLIP authors' HAT numbers come from it). Followed by default: ``smax`` 400, ``lamb``
+(here ``c``) 0.75, ``thres_cosh`` 50, ``thres_emb`` 6, ``clipgrad`` 10000 (gradient norm over
+all parameters, after the compensation); within an epoch ``s = 1/smax + (smax − 1/smax)·i/N``
+with ``i`` the first sample of the batch and ``N`` the epoch's samples (so ``s`` never quite
+reaches ``smax``); the regulariser ``Σ a_t(1 − a_<t) / Σ(1 − a_<t)`` (``Σ a_t / units`` on
+the first task); the embedding-gradient compensation ``smax/s·(cosh(clamp(s·e, ±thres_cosh))
++ 1)/(cosh(e) + 1)``; weight gradients times ``1 − min(a_<t[out], a_<t[in])``, biases times
+``1 − a_<t[out]``; and the masks of a finished task soft, ``σ(smax·e)``, at evaluation and
+in the cumulative mask ``a_<t = max`` over the finished tasks.
+
+``convention="blip"`` is blip's earlier form: ``s`` linear over the batch index, reaching
+``s_max`` on the last batch; the finished tasks' masks binarised (``e > 0``), so what a task
+uses is exactly what is protected and its outputs cannot change; no gradient clipping. The
+saved state is the same (a checkpoint of an older run lacks ``seen_samples`` and learns it
+again in its next epoch), so checkpoints of older runs still load.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +68,7 @@ def agreed_links(src: list[int | None]) -> list[int | None]:
 
 @register
 class HAT(Method):
-    """Hard Attention to the Task (Serrà et al. 2018).
+    """Hard Attention to the Task (Serrà et al. 2018), as its authors' code (joansj/hat).
 
     Each trunk layer's output is multiplied by ``a_t = σ(s·e_t)`` per unit/channel
     (forward hooks). Within every epoch ``s`` rises linearly over the batches from
@@ -62,8 +80,8 @@ class HAT(Method):
     ``1 − a_<t[out]``); after the step the embeddings are clamped to ``±thres_emb``.
 
     Masks used: at evaluation of task ``t`` (``eval_context``) and in the cumulative
-    mask, task ``t``'s mask at ``s_max`` *binarised* (``e_t > 0``), so what a finished
-    task uses is exactly what is protected and its outputs cannot change.
+    mask, task ``t``'s mask at ``s_max``: ``σ(s_max·e_t)`` (``convention="blip"``:
+    binarised, ``e_t > 0``, so what a finished task uses is exactly what is protected).
 
     Input-side masks: a layer's input unit ``j`` is taken to be unit ``j`` of the
     previous trunk layer (registration order) only when a probe (on the first
@@ -76,11 +94,12 @@ class HAT(Method):
     trainer's best-epoch restore and its checkpoints of ``model.state_dict()`` carry
     them (as BLIP's buffers); ``state_dict()`` carries the cumulative masks.
 
-    ``s`` needs the number of batches per epoch: ``batches_per_epoch``, or (None) the
-    count of the last epoch, an epoch ending at the next ``before_epoch`` or at
-    ``after_task``; until one epoch has been seen, ``s = s_max`` (hard gates: the
-    weights train while the embeddings barely move; on 3 short pdigits tasks this gave
-    81.6% on the first task vs 47.1% with ``s = 1/s_max`` throughout that epoch).
+    ``s`` needs the epoch's length: ``batches_per_epoch`` (then ``i/N`` is the batch index
+    over it), or (None) the samples of the last epoch, an epoch ending at the next
+    ``before_epoch`` or at ``after_task``; until one epoch has been seen, ``s = s_max``
+    (hard gates: the weights train while the embeddings barely move; on 3 short pdigits
+    tasks this gave 81.6% on the first task vs 47.1% with ``s = 1/s_max`` throughout that
+    epoch).
     """
 
     name = "hat"
@@ -92,8 +111,11 @@ class HAT(Method):
         "c": 0.75,  # c, attention-mask regulariser strength (the paper's)
         "thres_cosh": 50.0,  # clamp of s·e in the gradient compensation (the paper's code)
         "thres_emb": 6.0,  # embeddings clamped to ±this after each step (the paper's code)
+        "clipgrad": 10000.0,  # max gradient norm before each step, 0 = off (the paper's code)
         "batches_per_epoch": None,  # None: counted between before_epoch calls
+        "convention": "hat",  # or "blip": blip's earlier schedule and binarised masks
     }
+    CONVENTIONS = ("hat", "blip")
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         super().__init__(model, **hparams)
@@ -104,6 +126,10 @@ class HAT(Method):
                    f"method 'hat': {n} must be a number > 0; got {hp[n]!r}")
         check(isinstance(hp["s_max"], (int, float)) and hp["s_max"] >= 1,
                f"method 'hat': s_max must be a number >= 1; got {hp['s_max']!r}")
+        nonneg(self.name, hp, "clipgrad")
+        check(hp["convention"] in self.CONVENTIONS,
+              f"method 'hat': convention must be one of {', '.join(self.CONVENTIONS)}; "
+              f"got {hp['convention']!r}")
         if hp["batches_per_epoch"] is not None:
             pos_int(self.name, hp, "batches_per_epoch")
         self.layers: list[tuple[str, Layer]] = []
@@ -112,7 +138,9 @@ class HAT(Method):
         self.in_src: list[int | None] | None = None  # layer feeding each layer's inputs
         self.tasks_done = 0
         self.seen_batches: int | None = None  # batches in the last epoch (learned)
+        self.seen_samples: int | None = None  # samples in the last epoch (learned)
         self._batch = 0  # batch index within the current epoch
+        self._offset = 0  # samples of the current epoch before this batch
         self._s = 1.0 / hp["s_max"]  # s of the last training batch
         self._task: int | None = None  # the task being trained
         self._eval_task: int | None = None  # inside eval_context(task)
@@ -169,20 +197,30 @@ class HAT(Method):
         return None if task is None else self.mask(task)[i]
 
     def mask(self, task: int) -> list[Tensor]:
-        """Task ``task``'s binarised mask per layer: ``σ(s_max·e) > 0.5``, i.e. ``e > 0``."""
+        """Task ``task``'s mask per layer once trained: ``σ(s_max·e)``, or binarised
+        (``σ(s_max·e) > 0.5``, i.e. ``e > 0``) with ``convention="blip"``."""
         emb = self._embeddings().e[task]
-        return [(e.detach() > 0).to(e.dtype) for e in emb]
+        if self.hparams["convention"] == "blip":
+            return [(e.detach() > 0).to(e.dtype) for e in emb]
+        return [torch.sigmoid(float(self.hparams["s_max"]) * e.detach()) for e in emb]
 
     def soft_mask(self, task: int, s: float) -> list[Tensor]:
         return [torch.sigmoid(s * e) for e in self._embeddings().e[task]]
 
     def scale(self) -> float:
-        """``s`` for the next training batch: linear from 1/s_max to s_max over the epoch."""
+        """``s`` for the next training batch: linear from 1/s_max towards s_max over the
+        epoch, at the batch's first sample ``i`` of ``N`` (``convention="blip"``: over the
+        batch index, reaching s_max on the last batch)."""
         s_max = float(self.hparams["s_max"])
         n = self.hparams["batches_per_epoch"] or self.seen_batches
         if n is None:
             return s_max
-        frac = min(self._batch / (n - 1), 1.0) if n > 1 else 1.0
+        if self.hparams["convention"] == "blip":
+            frac = min(self._batch / (n - 1), 1.0) if n > 1 else 1.0
+        elif self.hparams["batches_per_epoch"] is None and self.seen_samples:
+            frac = min(self._offset / self.seen_samples, 1.0)
+        else:
+            frac = min(self._batch / n, 1.0)
         return 1.0 / s_max + (s_max - 1.0 / s_max) * frac
 
     # -- input-side masks ------------------------------------------------------------------
@@ -242,7 +280,7 @@ class HAT(Method):
         check_task_order(self, task, self.tasks_done)
         check(task < len(self._embeddings().e),
                f"method 'hat': task {task} but the model has {len(self._embeddings().e)} heads")
-        self._task, self._batch = task, 0
+        self._task, self._batch, self._offset = task, 0, 0
         self._sync()
 
     def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
@@ -253,6 +291,7 @@ class HAT(Method):
         s = self.scale()
         self._s = s
         self._batch += 1
+        self._offset += int(x.shape[0])
         gates = self.soft_mask(task, s)
         self._gates = gates
         try:
@@ -288,6 +327,10 @@ class HAT(Method):
                     num = torch.cosh(torch.clamp(s * e, -thres, thres)) + 1
                     den = torch.cosh(e) + 1
                     e.grad.mul_(s_max / s * num / den)
+        if hp["clipgrad"] > 0 and hp["convention"] != "blip":
+            # the reference clips over model.parameters(); those without a gradient add nothing
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], hp["clipgrad"])
 
     def after_step(self, task: int) -> None:
         t = float(self.hparams["thres_emb"])
@@ -299,6 +342,7 @@ class HAT(Method):
         """The epoch in progress (if any batch ran) has ended: learn its length."""
         if self._batch:
             self.seen_batches, self._batch = self._batch, 0
+            self.seen_samples, self._offset = self._offset, 0
 
     def before_epoch(self, task: int, epoch: int) -> None:
         self._end_epoch()
@@ -319,12 +363,12 @@ class HAT(Method):
         self._end_epoch()
         self._sync()
         new = self.mask(task)
-        used = sum(float(m.sum()) for m in new)
+        used = sum(float((m > 0.5).sum()) for m in new)
         self.cum = [torch.maximum(c, m) for c, m in zip(self.cum, new, strict=True)]
         self.tasks_done = task + 1
         total = sum(c.numel() for c in self.cum)
         return {"units_used_by_task": used / total,
-                "units_used_cumulative": sum(float(c.sum()) for c in self.cum) / total,
+                "units_used_cumulative": sum(float((c > 0.5).sum()) for c in self.cum) / total,
                 "input_masks": {self.layers[i][0]: (None if s is None else self.layers[s][0])
                                 for i, s in enumerate(self.in_src or [None] * len(self.cum))}}
 
@@ -332,7 +376,8 @@ class HAT(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {"cum": {n: c for (n, _), c in zip(self.layers, self.cum, strict=True)},
-                "tasks_done": self.tasks_done, "seen_batches": self.seen_batches}
+                "tasks_done": self.tasks_done, "seen_batches": self.seen_batches,
+                "seen_samples": self.seen_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._embeddings()
@@ -350,7 +395,10 @@ class HAT(Method):
         # validated and converted first, assigned last: a rejected state changes nothing
         tasks_done, seen = int(state["tasks_done"]), state.get("seen_batches")
         seen_batches = None if seen is None else int(seen)
+        samples = state.get("seen_samples")  # absent in checkpoints of older runs
+        seen_samples = None if samples is None else int(samples)
         self.cum, self.tasks_done, self.seen_batches = cum, tasks_done, seen_batches
+        self.seen_samples = seen_samples
 
     def extra_state_bytes(self) -> int:
         # the embeddings live in the model (its parameters) but are HAT's overhead too

@@ -1,5 +1,24 @@
 """``packnet``: PackNet, per-task ownership of pruned trunk weights (what the trunk is,
-weight decay, BatchNorm: :mod:`blip.methods.trunk`)."""
+weight decay, BatchNorm: :mod:`blip.methods.trunk`).
+
+Reference: the PackNet authors' code, github.com/arunmallya/packnet: ``src/prune.py``
+(``SparsePruner``), ``src/main.py`` and the task-sequence scripts ``src/scripts/
+run_sequence.sh`` / ``run_all_sequence.sh``. Followed by default: per trunk layer, the
+fraction ``prune`` = 0.75 of the weights trained for the task (the free ones) is released,
+every weight whose magnitude is at most the ``round(prune·n)``-th smallest (their
+``kthvalue`` cut-off: ties at the cut-off go too); the last task of the model (its last
+head) is not pruned (their ``0.75,0.75,-1``); the kept weights are retrained for 10 epochs
+(``--post_prune_epochs 10``) with SGD momentum 0.9 (``Manager.prune``), batches of 32
+(``--batch_size`` default), at a tenth of the task's lr (``--lr 1e-4`` after training at
+``1e-3``); biases and BatchNorm are trained on the first task only (their ``nobias-nobn``
+runs). Not followed: their post-pruning run keeps the epoch of best test accuracy; ours
+keeps the last epoch.
+
+blip's previous convention (2 retraining epochs at lr 0.01, no momentum, batches of 64,
+every task pruned, exactly ``round(prune·n)`` weights released) is ``retrain_epochs=2,
+retrain_lr=0.01, retrain_momentum=0, retrain_batch_size=64, prune_last=True`` (ties at the
+cut-off aside); the saved state is the same, so checkpoints of older runs still load.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import validate
 from ..modes import freeze_batchnorm_stats, module_modes, restore_modes
 from .base import Method, check, heads, nonneg, pos_int, register, seed_ok, task_generator
 from .trunk import Layer, add_weight_decay, check_task_order, sgd_without_decay, trunk_layers
@@ -18,15 +38,16 @@ from .trunk import Layer, add_weight_decay, check_task_order, sgd_without_decay,
 
 @register
 class PackNet(Method):
-    """PackNet (Mallya & Lazebnik 2018).
+    """PackNet (Mallya & Lazebnik 2018), as its authors' code (arunmallya/packnet).
 
     ``owner`` (uint8, one per trunk weight): 0 = free, ``k`` = owned by task ``k − 1``.
     While task ``t`` trains, every weight is used but only free ones are updated
     (gradients of owned weights zeroed after backward; see blip.methods.trunk for weight
     decay and momentum). After it (``after_task``): in each trunk layer the fraction
     ``prune`` of the free weights with the smallest magnitude is released (set to 0,
-    left free); the kept ones are retrained alone for ``retrain_epochs`` epochs (plain
-    SGD, ``retrain_lr``, batches of ``retrain_batch_size``, on the data the trainer
+    left free; not on the model's last task unless ``prune_last``); the kept ones are
+    retrained alone for ``retrain_epochs`` epochs (SGD with ``retrain_momentum`` at
+    ``retrain_lr``, batches of ``retrain_batch_size``, on the data the trainer
     passes to ``after_task``: the task's training set, or a seeded subset of 20000 samples
     of a larger one) and become owned by task ``t``. Evaluating task ``u``
     (``eval_context``) uses only the weights owned by tasks ``<= u`` (the others are
@@ -36,11 +57,12 @@ class PackNet(Method):
     first task and frozen after it, and BatchNorm running statistics stop updating
     after it: the paper's choice. Heads are never pruned.
 
-    ``prune`` default 0.75 (the paper prunes 50-75% per task): with a fixed fraction ``p``
-    task ``t`` gets ``(1 − p)·p^t`` of each layer, so ``p = 0.5`` leaves the 10th task
-    ``0.2%``; ``0.75`` gives it ``1.9%`` (and ``7.5%`` is left free for it to train).
-    On the 10 pdigits tasks (preset, seed 0) prune 0.5 / 0.75 / 0.9 gave ACC 96.07 /
-    96.30 / 95.52 (BWT 0 each): the small MLP's later tasks lean on the frozen
+    ``prune`` default 0.75 (the reference's task sequence; the paper prunes 50-75% per
+    task): with a fixed fraction ``p`` task ``t`` gets ``(1 − p)·p^t`` of each layer, so
+    ``p = 0.5`` leaves the 10th task ``0.2%``; ``0.75`` gives it ``1.9%`` (and ``7.5%`` is
+    left free for it to train; by default the last task is not pruned and keeps it all).
+    On the 10 pdigits tasks (preset, seed 0, blip's earlier retraining) prune 0.5 / 0.75 /
+    0.9 gave ACC 96.07 / 96.30 / 95.52 (BWT 0 each): the small MLP's later tasks lean on the frozen
     weights of the earlier ones, so capacity matters little there; 0.75 keeps room for
     longer streams.
     """
@@ -50,10 +72,12 @@ class PackNet(Method):
     DISTRIBUTED = None
     HPARAMS: ClassVar[dict[str, Any]] = {
         **Method.HPARAMS,
-        "prune": 0.75,  # fraction of each layer's free weights released after every task
-        "retrain_epochs": 2,  # post-pruning retraining (the paper: 10 on ImageNet; small nets)
-        "retrain_lr": 0.01,  # plain-SGD lr of that retraining
-        "retrain_batch_size": 64,
+        "prune": 0.75,  # fraction of each layer's free weights released (reference: 0.75)
+        "prune_last": False,  # prune the model's last task too (reference: -1, it is not)
+        "retrain_epochs": 10,  # post-pruning retraining epochs (reference: 10)
+        "retrain_lr": None,  # None: 0.1 x the task's lr (reference: 1e-4 after 1e-3)
+        "retrain_momentum": 0.9,  # SGD momentum of the retraining (reference: 0.9)
+        "retrain_batch_size": 32,  # (reference: --batch_size default 32)
         "seed": None,  # retraining's shuffling; None: torch's global RNG (trainer-seeded)
     }
 
@@ -66,14 +90,22 @@ class PackNet(Method):
         check(isinstance(hp["retrain_epochs"], int) and hp["retrain_epochs"] >= 0,
                f"method 'packnet': retrain_epochs must be an int >= 0; "
                f"got {hp['retrain_epochs']!r}")
-        check(isinstance(hp["retrain_lr"], (int, float)) and hp["retrain_lr"] > 0,
-               f"method 'packnet': retrain_lr must be a number > 0; got {hp['retrain_lr']!r}")
+        if hp["retrain_lr"] is not None:  # None: 0.1 x the task's lr
+            validate.number("retrain_lr", hp["retrain_lr"], lo=0.0, lo_open=True,
+                            where="method 'packnet': ")
+        check(isinstance(hp["retrain_momentum"], (int, float))
+              and 0 <= hp["retrain_momentum"] < 1,
+              f"method 'packnet': retrain_momentum must be a number in [0, 1); "
+              f"got {hp['retrain_momentum']!r}")
+        check(isinstance(hp["prune_last"], bool),
+              f"method 'packnet': prune_last must be True or False; got {hp['prune_last']!r}")
         pos_int(self.name, hp, "retrain_batch_size")
         seed_ok(self.name, hp)
         self.layers: list[tuple[str, Layer]] = []
         self.owners: list[Tensor] = []
         self.tasks_done = 0
         self._opt_params: list[nn.Parameter] = []
+        self._lr: float | None = None  # the task's initial lr (make_optimizer)
 
     def prepare(self) -> nn.Module:
         if not self.layers:
@@ -100,6 +132,7 @@ class PackNet(Method):
 
     def make_optimizer(self, task: int, lr: float) -> torch.optim.Optimizer:
         self._opt_params = self.trainable_parameters(task)
+        self._lr = float(lr)
         return sgd_without_decay(self._opt_params, lr, self.hparams["momentum"])
 
     def before_task(self, task: int) -> None:
@@ -138,27 +171,39 @@ class PackNet(Method):
             return contextlib.nullcontext()
         return self._only_owned_by(task)
 
+    def prunes(self, task: int) -> bool:
+        """Whether task ``task`` is pruned: all but the model's last, unless ``prune_last``."""
+        return self.hparams["prune_last"] or task < len(heads(self)) - 1
+
     @torch.no_grad()
     def release(self, task: int) -> list[Tensor]:
-        """Prune: per layer, zero the ``prune`` fraction of the free weights with the smallest
-        magnitude (ties: lowest index first); returns the kept free weights' masks."""
+        """Prune: per layer, with ``k = round(prune · free)``, zero every free weight whose
+        magnitude is at most the k-th smallest (the reference's cut-off; none when k = 0);
+        returns the kept free weights' masks."""
         keep = []
         for (_, layer), own in zip(self.layers, self.owners, strict=True):
             w = layer.weight
-            free = (own == 0).flatten().nonzero().squeeze(1)
-            k = int(round(self.hparams["prune"] * free.numel()))
-            order = torch.argsort(w.detach().flatten()[free].abs(), stable=True)
-            released = free[order[:k]]
-            w.view(-1)[released] = 0.0
-            kept = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-            kept[free[order[k:]]] = True
-            keep.append(kept.view_as(w))
+            free = own == 0
+            k = int(round(self.hparams["prune"] * int(free.sum()))) if self.prunes(task) else 0
+            released = torch.zeros_like(free)
+            if k > 0:
+                mags = w.detach().abs()
+                cutoff = torch.kthvalue(mags[free].float().cpu(), k).values.to(w.device)
+                released = free & (mags <= cutoff)
+            w[released] = 0.0
+            keep.append(free & ~released)
         return keep
 
     def _retrain(self, task: int, keep: list[Tensor], x: Tensor, y: Tensor) -> int:
         hp = self.hparams
         params = self.trainable_parameters(task)
-        opt = torch.optim.SGD(params, lr=hp["retrain_lr"])
+        lr = hp["retrain_lr"]
+        if lr is None:
+            if self._lr is None:
+                raise RuntimeError("method 'packnet': retrain_lr=None retrains at 0.1 x the "
+                                   "task's lr, but make_optimizer was not called for the task")
+            lr = 0.1 * self._lr
+        opt = torch.optim.SGD(params, lr=lr, momentum=hp["retrain_momentum"])
         gen = task_generator(hp["seed"], task)
         bs, n, steps = hp["retrain_batch_size"], x.shape[0], 0
         modes = module_modes(self.model)
@@ -185,7 +230,8 @@ class PackNet(Method):
         check_task_order(self, task, self.tasks_done)
         self._sync()
         keep = self.release(task)
-        steps = self._retrain(task, keep, sample_x, sample_y) if sample_x.shape[0] else 0
+        steps = (self._retrain(task, keep, sample_x, sample_y)
+                 if sample_x.shape[0] and self.prunes(task) else 0)
         for own, k in zip(self.owners, keep, strict=True):
             own[k] = task + 1
         self.tasks_done = task + 1

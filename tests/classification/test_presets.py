@@ -390,3 +390,24 @@ def test_train_cli_writes_the_nonfinite_stop(tmp_path: Path) -> None:
                  "--threads", "1", "--stop-on-nonfinite", "--out", str(out), "--quiet",
                  "--no-plots"]) == 0
     assert json.loads((out / "results.json").read_text())["config"]["stop_on_nonfinite"] is True
+
+
+def test_mnist5k_perm_authors() -> None:
+    # the authors' pmnist settings (README / IC/run_mnist.sh:1: --lr 0.01 --sbatch 64
+    #   --F-prior 1e-15 --nepochs 200; q_mlp Linear_Q(784, --ndim 1200) + ReLU,
+    #   IC/networks/q_mlp.py:15-18; their schedule and NaN stop) on the embedded stream
+    _check("mnist5k-perm-authors", model="mlp", lr=0.01, batch_size=64, F_prior=1e-15,
+           hidden=1200, n_hidden_layers=1, fisher_batches=None, fisher_batch_size=None,
+           **SCHEDULE, **ARCH_DEFAULTS)
+    pm = get_preset("pmnist")
+    mine = get_preset("mnist5k-perm-authors")
+    assert {k: v for k, v in mine.to_dict().items() if k not in ("threads", "note")} == \
+        {k: v for k, v in pm.to_dict().items() if k not in ("threads", "note")}
+    # a benchmark of its own (so `blip compare --benchmark` takes this preset), on the
+    # same tensors as mnist5k-perm; blip's BLIP run gets the preset's F_prior
+    from blip.classification.data import BENCHMARKS, EMBEDDED
+
+    assert "mnist5k-perm-authors" in BENCHMARKS
+    assert EMBEDDED["mnist5k-perm-authors"] is EMBEDDED["mnist5k-perm"]
+    cfg = TrainConfig.from_preset("mnist5k-perm-authors", method="blip")
+    assert cfg.method_kwargs["F_prior"] == 1e-15 and cfg.benchmark == "mnist5k-perm-authors"

@@ -421,7 +421,7 @@ def test_mas_importance_matches_brute_force() -> None:
 
 def test_lwf_targets_come_from_the_old_model() -> None:
     model = _mlp()
-    method = _fresh("lwf", model)
+    method = _fresh("lwf", model, lamb=1.0, T=2.0, eps=0.0)  # the plain formula below
     x0, y0 = _data(0)
     _train(method, 0, x0, y0)
     assert method.distillation_targets(x0, 0) == []
@@ -461,7 +461,8 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> float:
 
 def test_agem_projection_never_opposes_the_memory_gradient() -> None:
     model = _mlp()
-    method = _fresh("agem", model, mem_per_task=20, ref_batch_size=1000, seed=0)
+    method = _fresh("agem", model, mem_per_task=20, ref_batch_size=1000, seed=0,
+                    convention="blip")  # shared-only projection (Avalanche's: conventions_b)
     _train(method, 0, *_data(0))
     assert len(method.mem_x) == 1 and len(method.mem_y[0]) == 20
     shared = method.shared_parameters()

@@ -190,7 +190,9 @@ def test_hat_cumulative_mask_blocks_updates_to_protected_weights() -> None:
 
 def test_hat_masks_binarise_at_s_max() -> None:
     model = _mlp(layers=1)
-    method: HAT = _fresh("hat", model, batches_per_epoch=4)  # type: ignore[assignment]
+    # blip's convention: binarised masks, s reaching s_max (the reference's: conventions_b)
+    method: HAT = _fresh("hat", model, batches_per_epoch=4,  # type: ignore[assignment]
+                         convention="blip")
     x, y = _data(0)
     method.before_task(0)
     opt = method.make_optimizer(0, 0.1)
@@ -215,7 +217,7 @@ def test_hat_masks_binarise_at_s_max() -> None:
     expect = model.heads[0](F.relu(F.linear(x, lin.weight, lin.bias) * mask))
     torch.testing.assert_close(_eval(method, x, 0), expect, rtol=0, atol=1e-6)
     # without batches_per_epoch, the epoch length is learned at the next epoch's start
-    auto: HAT = _fresh("hat", _mlp(layers=1))  # type: ignore[assignment]
+    auto: HAT = _fresh("hat", _mlp(layers=1), convention="blip")  # type: ignore[assignment]
     _train(auto, 0, x, y, steps=5, finish=False, bs=8)
     assert auto.seen_batches is None and auto.scale() == pytest.approx(400)  # until known
     _eval(auto, x, 0)  # evaluating ends no epoch

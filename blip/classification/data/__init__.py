@@ -16,6 +16,8 @@ EMBEDDED: dict[str, Callable[..., TaskStream]] = {
     "digits5": embedded.digits5,
     "mnist5k-split": embedded.mnist5k_split,
     "mnist5k-perm": embedded.mnist5k_perm,
+    # the same stream under the authors' PMNIST settings (its own preset, presets.py)
+    "mnist5k-perm-authors": embedded.mnist5k_perm,
 }
 FULL: dict[str, Callable[..., TaskStream]] = {
     "mnist5": full.mnist5,
