@@ -100,6 +100,10 @@ def _add_train(sub: Any) -> None:
                    "default of a bare --compile; aot_eager), or cudagraph (the whole step "
                    "captured; on CPU a stand-in replaying it eagerly)")
     t.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
+    t.add_argument("--nproc", type=int, help="train on N processes of this machine with "
+                   "DistributedDataParallel (starts torchrun's agent: the same as `torchrun "
+                   "--standalone --nproc-per-node N -m blip train ...`); gloo on CPU, NCCL "
+                   "and one GPU per process with --device cuda")
 
 
 def _add_report(sub: Any) -> None:
@@ -264,9 +268,13 @@ def _methods_text() -> str:
     return "\n".join(lines)
 
 
-def _train(a: argparse.Namespace) -> int:
-    from .classification.trainer import TrainConfig, default_run_dir, train
+def _train(a: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from .classification import ddp
+    from .classification.trainer import TrainConfig, default_run_dir, preflight, train
 
+    launch = a.nproc is not None and not ddp.launched_by_torchrun()
+    if launch:
+        ddp.check_nproc(a.nproc)
     method_kwargs = parse_hp(a.hp)
     # the BLIP flags are sugar for --hp (an explicit --hp of the same name wins)
     for name in ("F_prior", "max_bit", "forward_mode"):
@@ -281,9 +289,12 @@ def _train(a: argparse.Namespace) -> int:
         method_kwargs=method_kwargs, trust_pickles=a.trust_pickles,
         stop_on_nonfinite=a.stop_on_nonfinite, compile=a.compile,
     )
+    if launch and a.nproc > 1:  # checked here first; each worker runs this command again
+        preflight(cfg)
+        return ddp.launch(a.nproc, argv)
     out = a.out or default_run_dir(cfg)
     train(cfg, out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
-          hooks=_tensorboard_hooks(a.tensorboard, out))
+          hooks=_tensorboard_hooks(a.tensorboard and ddp.env_rank() == 0, out))
     return 0
 
 
@@ -322,6 +333,9 @@ def _compare(a: argparse.Namespace) -> int:
 
 
 def _rl(a: argparse.Namespace) -> int:
+    from .classification.ddp import single_process_only
+
+    single_process_only("rl")
     from .rl.ppo import PPOConfig
     from .rl.report import compare_runs
     from .rl.runner import RLConfig, run_rl
@@ -370,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if a.command == "train":
-            return _train(a)
+            return _train(a, argv)
         if a.command == "compare":
             return _compare(a)
         if a.command == "report":

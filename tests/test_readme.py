@@ -4,6 +4,7 @@ reason it cannot run in a test; every command of every shell block is at least c
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -20,6 +21,8 @@ RUN = {
     "blip train                                   # pdigits, MLP 64→100, lr 0.1, BLIP":
         "test_trainer_block_runs",
     "import pickle": "test_readme_safety_section_examples_run",
+    "blip train --nproc 2 --n-tasks 2 --epochs 1 --out runs/pdigits-blip-2ranks":
+        "test_distributed_block_runs",
 }
 # Not run, with why; their commands are still checked by test_every_shell_command_is_valid.
 NOT_RUN = {
@@ -42,6 +45,8 @@ NOT_RUN = {
         "installs, then minutes of PPO per game on 2 cores (tests/rl runs short games)",
     "blip rl --suite atari6 --method blip --device cuda --steps 10000000 --envs 16 \\":
         "10M steps per game: a GPU job",
+    "torchrun --standalone --nproc-per-node 4 -m blip train --benchmark cifar-alt --device "
+    "cuda --data-dir DATA": "needs 4 GPUs (8 per node for the second line) and CIFAR files",
     "blip train --benchmark cifar-alt --data-dir DATA --trust-pickles  # a data set you trust":
         "needs the reader's CIFAR files and an old run (the flags are checked)",
 }
@@ -137,7 +142,8 @@ def test_trainer_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     """The block as written, from an empty directory, each train/compare 2 tasks x 1 epoch."""
     from blip.cli import main
 
-    (body,) = [b for lang, b in _blocks() if lang == "bash" and _first_line(b) in RUN]
+    (body,) = [b for lang, b in _blocks() if lang == "bash"
+               and RUN.get(_first_line(b)) == "test_trainer_block_runs"]
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     ran = []
@@ -181,3 +187,29 @@ def test_readme_safety_section_examples_run(capsys: pytest.CaptureFixture[str]) 
     assert commands and all(c[0] == "blip" for c in commands)
     for argv in commands:  # every flag shown exists (the data and the run are the reader's)
         assert _parser().parse_args(argv[1:]).trust_pickles is True
+
+
+def test_distributed_block_runs(tmp_path: Path) -> None:
+    """The "Distributed training" block as written (2 gloo ranks on this CPU), from an empty
+    directory: both runs finish on 2 ranks."""
+    import os
+    import subprocess
+    import sys
+
+    (body,) = [b for lang, b in _blocks() if lang == "bash" and _first_line(b)
+               == "blip train --nproc 2 --n-tasks 2 --epochs 1 --out runs/pdigits-blip-2ranks"]
+    repo = str(README.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    launchers = {"blip": [sys.executable, "-m", "blip"],
+                 "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+    outs = []
+    for cmd in _commands(body):
+        argv = shlex.split(cmd)
+        r = subprocess.run(launchers[argv[0]] + argv[1:], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+        outs.append(tmp_path / argv[argv.index("--out") + 1])
+    assert len(outs) == 2
+    for out in outs:
+        results = json.loads((out / "results.json").read_text())
+        assert results["complete"] and results["world_size"] == 2

@@ -25,7 +25,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from ..distributed import world
 from ..methods import Method, make_method
+from . import ddp
 from .data import TaskData
 from .fused_step import FusedStep, unsupported
 
@@ -230,6 +232,10 @@ class GraphStep:
 
 def make_step(mode: str, method: Method, net: nn.Module, opt: torch.optim.Optimizer, t: int,
               device: torch.device) -> Step | GraphStep:
+    if world()[1] > 1:  # each rank its rows of the batch, gradients through DDP (ddp.py)
+        if mode not in ("off", "eager"):
+            raise ValueError(f"compile={mode!r} is not supported on several ranks; use 'off'")
+        return _step_around(ddp.sharded_loss(method, net, t, device), method, opt, t)
     if mode == "off" and unsupported(method, net, t) is None:
         return FusedStep(method, net, opt, t)
     if mode in ("off", "eager"):

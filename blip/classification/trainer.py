@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate
+from ..distributed import all_reduce_sum_, rows
 from ..methods import METHODS, Method, make_method, method_class
 from ..modes import batchnorm_eval
 from ..nn import load_state_dict_atomic
@@ -43,6 +44,7 @@ from ..runs import metrics
 from ..runs.backend_info import kernel_backend
 from ..runs.rundir import RUNS_ROOT, Progress, Runner, matrix_csv, run_name
 from ..runs.seeds import derive_seed, seed_everything
+from . import ddp
 from .data import TaskData, TaskStream, load_benchmark
 from .presets import Preset, get_preset
 from .step import COMPILE_MODES, batches, check_capturable, make_step, warm_up
@@ -291,6 +293,15 @@ class Trainer(Runner):
                  hooks: Sequence[Any] = ()) -> None:
         super().__init__(cfg, out, quiet, plots)  # validates cfg
         _check_method(cfg)  # with the config: preflight(cfg), before any data is loaded
+        # torchrun's process group, if any (ddp.py): rank 0 alone logs and writes
+        self.group = ddp.join(cfg.device)
+        if self.group.world > 1:
+            ddp.check_supported(self.group, method_class(cfg.method), cfg.compile)
+            self.device = self.group.device
+            self.quiet = quiet or self.group.rank != 0
+            self.progress = self.progress and self.group.rank == 0
+            if self.device.type == "cpu":
+                torch.set_num_threads(ddp.cpu_threads(cfg.threads, self.group.world))
         self._stream = stream
         # observers (TensorBoard, compare's progress): optional on_epoch / on_task / close
         self.hooks = list(hooks)
@@ -315,6 +326,7 @@ class Trainer(Runner):
         model = build_model(self.cfg, stream)
         method = make_method(self.cfg.method, model, **method_hparams(self.cfg))
         net = method.prepare().to(self.device)
+        ddp.check_model(self.group, net)
         return net, method
 
     # -- one task -----------------------------------------------------------------------
@@ -323,6 +335,9 @@ class Trainer(Runner):
     def evaluate(self, net: nn.Module, task: TaskData, t: int, split: str = "test",
                  batch: int = 1024, method: Method | None = None) -> tuple[float, float]:
         x_all, y_all = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        n = max(len(y_all), 1)
+        share = rows(len(y_all))  # this rank's rows; the sums are all-reduced below
+        x_all, y_all = x_all[share], y_all[share]
         net.eval()
         # summed on the device (float64, as Python's float): one sync per call, not per batch
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -335,7 +350,7 @@ class Trainer(Runner):
                 out = net(x, t)
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
-        n = max(len(y_all), 1)
+        all_reduce_sum_([loss_sum, correct])  # every rank takes the same lr / best decisions
         return float(loss_sum) / n, int(correct) / n
 
     def _train_epoch(self, net: nn.Module, method: Method, step: Any,
@@ -435,7 +450,8 @@ class Trainer(Runner):
         info = self.train_task(net, method, task, t)
         t1 = time.perf_counter()
         sample_x, sample_y = self._end_of_task_sample(task, t)
-        stats = method.after_task(t, sample_x, sample_y) or {}
+        # sync_rng_state, after_task, check_identical (a no-op check on one process)
+        stats = ddp.end_task(net, method, t, sample_x, sample_y)
         del sample_x, sample_y
         t2 = time.perf_counter()
         for u in range(t + 1):
@@ -488,7 +504,11 @@ class Trainer(Runner):
             "kernel_backend": kernel_backend(self.device),
             # one-time costs (imports, first calls) paid before task 0's clock started
             "warmup_seconds": getattr(self, "warmup_seconds", 0.0),
+            "world_size": self.group.world,
+            "dist_backend": self.group.backend,
         }
+        if self.group.rank != 0:
+            return results
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.out / RESULTS, json.dumps(results, indent=1))
         ckpt.write_text_atomic(self.out / "acc_matrix.json",
@@ -508,6 +528,8 @@ class Trainer(Runner):
             plots.capacity_curve(results["capacity"], self.out / "capacity.png")
 
     def _checkpoint(self, state: dict, net: nn.Module, method: Method) -> None:
+        if self.group.rank != 0:
+            return
         ckpt.save_atomic({
             "version": 1, "task": state["task"], "config": self.cfg.to_dict(),
             "method_hparams": resolved_hparams(self.cfg),
@@ -545,7 +567,8 @@ class Trainer(Runner):
 
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
-        validate.writable_dir(self.out, "out directory")  # before hours of training, not after
+        if self.group.rank == 0:  # before hours of training, not after
+            validate.writable_dir(self.out, "out directory")
         stream = self._load_stream()
         T = len(stream)
         t0 = time.perf_counter()
@@ -553,6 +576,7 @@ class Trainer(Runner):
         self.warmup_seconds = time.perf_counter() - t0
         net, method = self._setup(stream)
         state = self._start(net, method, T, resume)
+        ddp.check_start(net, method, state["task"])  # every rank read the same checkpoint
         self._emit("on_start", T, state["task"] + 1)
         n_params = sum(p.numel() for p in net.parameters())
         self.log(f"{cfg.benchmark}: {T} tasks, input {stream.input_shape}; {cfg.method} on "
@@ -572,7 +596,7 @@ class Trainer(Runner):
             self._write_outputs(state, stream, done=t == T - 1)
         results = self._write_outputs(state, stream, done=True)
         self._emit("close")
-        if self.plots:
+        if self.plots and self.group.rank == 0:
             try:
                 self._make_plots(results, state["acc"])
             except ImportError as e:

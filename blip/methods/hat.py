@@ -66,6 +66,18 @@ def agreed_links(src: list[int | None]) -> list[int | None]:
     return [s if int(f) == world else None for s, f in zip(src, found.tolist(), strict=True)]
 
 
+def global_rows(n: int) -> int:
+    """The rows of the whole batch when each rank trains on its share (``rows()``): the
+    sum over ranks, so ``s``'s schedule over the epoch's samples is the same on every rank
+    and as on one process (a rank with an empty share forwards one row: counted). ``n`` on
+    one rank."""
+    if distributed.world()[1] == 1:
+        return n
+    total = torch.tensor([n], dtype=torch.int64)
+    distributed.all_reduce_sum_([total])
+    return int(total)
+
+
 @register
 class HAT(Method):
     """Hard Attention to the Task (Serrà et al. 2018), as its authors' code (joansj/hat).
@@ -292,7 +304,7 @@ class HAT(Method):
         s = self.scale()
         self._s = s
         self._batch += 1
-        self._offset += int(x.shape[0])
+        self._offset += global_rows(int(x.shape[0]))  # under DDP x is this rank's share
         gates = self.soft_mask(task, s)
         self._gates = gates
         try:

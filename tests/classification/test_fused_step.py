@@ -181,6 +181,14 @@ def test_a_distributed_run_of_several_ranks_stays_on_autograd(
     assert unsupported(method, mlp, 0) is None
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     assert "several ranks" in unsupported(method, mlp, 0)
+    # make_step builds the DDP-sharded autograd step there (classification/ddp.py), which
+    # needs a real group: stand in for it (tests/classification/test_distributed_train.py
+    # runs it on 2 real ranks)
+    from blip.classification import ddp
+
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(ddp, "sharded_loss", lambda m, net, t, device: (
+        lambda x, y: m.training_loss(net, x, y, t)))
     step = make_step("off", method, mlp, torch.optim.SGD(mlp.parameters(), 0.1), 0, CPU)
     assert not isinstance(step, FusedStep)
 
