@@ -15,8 +15,9 @@ rank updated is bitwise the same, instead of hiding a divergence by re-broadcast
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -145,6 +146,31 @@ def all_gather_rows(t: Tensor) -> Tensor:
     return torch.cat([p[:k] for p, k in zip(parts, ns, strict=True)]).to(t.device)
 
 
+# -- stand-in rows ----------------------------------------------------------------------
+
+#: True while this rank forwards a stand-in row (module-wide: one training step at a time)
+_STAND_IN = False
+
+
+@contextlib.contextmanager
+def stand_in() -> Iterator[None]:
+    """Mark a forward whose rows are a stand-in, not this rank's share: a rank whose share of
+    a batch is empty (fewer rows than ranks) forwards one row with weight 0 so that it still
+    joins DDP's all-reduce. Methods that count the rows they train on count none of it
+    (:func:`counted_rows`), or a 1-row batch on 2 ranks would count as 2."""
+    global _STAND_IN
+    before, _STAND_IN = _STAND_IN, True
+    try:
+        yield
+    finally:
+        _STAND_IN = before
+
+
+def counted_rows(n: int) -> int:
+    """``n``, the rows of this rank's training forward; 0 inside :func:`stand_in`."""
+    return 0 if _STAND_IN else n
+
+
 # -- checksums ---------------------------------------------------------------------------
 
 #: words per row of the checksum's 2-D view (the tensor's words, zero-padded)
@@ -258,4 +284,5 @@ def sync_rng_state(src: int = 0) -> None:
 
 
 __all__ = ["StateMismatchError", "all_gather_rows", "all_reduce_sum_", "broadcast_",
-           "check_identical", "checksum", "is_distributed", "rows", "sync_rng_state", "world"]
+           "check_identical", "checksum", "counted_rows", "is_distributed", "rows", "stand_in",
+           "sync_rng_state", "world"]

@@ -16,6 +16,7 @@ same fused step and so keeps the same weights, momentum and frozen bits.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import validate
-from ..distributed import check_identical, rows, sync_rng_state, world
+from ..distributed import check_identical, rows, stand_in, sync_rng_state, world
 from ..methods import Method
 from ..methods.base import check_distributed
 
@@ -191,9 +192,11 @@ class ShardedLoss:
         share = rows(n)
         n_r = share.stop - share.start
         scale = n_r * world()[1] / n
+        padding = contextlib.nullcontext()
         if n_r == 0:
-            share = slice(0, 1)
-        return (self.ddp or self.module)(x[share], y[share], scale)
+            share, padding = slice(0, 1), stand_in()  # methods count none of this row
+        with padding:
+            return (self.ddp or self.module)(x[share], y[share], scale)
 
 
 def sharded_loss(method: Method, net: nn.Module, t: int, device: torch.device,

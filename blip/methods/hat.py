@@ -69,8 +69,8 @@ def agreed_links(src: list[int | None]) -> list[int | None]:
 def global_rows(n: int) -> int:
     """The rows of the whole batch when each rank trains on its share (``rows()``): the
     sum over ranks, so ``s``'s schedule over the epoch's samples is the same on every rank
-    and as on one process (a rank with an empty share forwards one row: counted). ``n`` on
-    one rank."""
+    and as on one process. ``n`` on one rank: its share's rows (a stand-in row forwarded for an
+    empty share is 0 of them, :func:`blip.distributed.counted_rows`)."""
     if distributed.world()[1] == 1:
         return n
     total = torch.tensor([n], dtype=torch.int64)
@@ -304,7 +304,8 @@ class HAT(Method):
         s = self.scale()
         self._s = s
         self._batch += 1
-        self._offset += global_rows(int(x.shape[0]))  # under DDP x is this rank's share
+        # under DDP x is this rank's share (a stand-in row for an empty one counts 0)
+        self._offset += global_rows(distributed.counted_rows(int(x.shape[0])))
         gates = self.soft_mask(task, s)
         self._gates = gates
         try:

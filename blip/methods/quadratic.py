@@ -228,7 +228,8 @@ class QuadraticPenaltyMethod(Method, ABC):
     def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: int) -> Tensor:
         if not self._seen_batch or x.shape[0] > self.train_batch_size:
             self.train_batch_size, self._seen_batch = int(x.shape[0]), True
-        self._largest_share = max(self._largest_share, int(x.shape[0]))
+        # a stand-in row (this rank's share empty) is not part of the batch
+        self._largest_share = max(self._largest_share, distributed.counted_rows(int(x.shape[0])))
         loss = F.cross_entropy(model(x, task), y)
         if self.hparams["penalty_step"] == "gradient" and self.quadratic()[0]:
             return loss + self.penalty()

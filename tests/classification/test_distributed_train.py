@@ -191,6 +191,27 @@ def _sharded_grads() -> dict[int, dict[str, Any]]:
     return out
 
 
+def _rows_counted() -> dict[str, int]:
+    """What EWC (its Fisher's batch size) and HAT (its schedule's sample count) counted of
+    one 1-row batch: on 2 ranks through ddp.sharded_loss, where rank 1 forwards a stand-in
+    row; on one process through the method's loss."""
+    from blip.methods import make_method
+    from blip.models import MLP
+
+    out: dict[str, int] = {}
+    for name, hp in (("ewc", {}), ("hat", {"batches_per_epoch": 1})):
+        torch.manual_seed(0)
+        method = make_method(name, MLP(6, 8, [3]), **hp)
+        net = method.prepare()
+        method.before_task(0)
+        x, y = torch.randn(1, 6), torch.randint(0, 3, (1,))
+        loss = (ddp.sharded_loss(method, net, 0, torch.device("cpu")) if world()[1] > 1
+                else lambda xb, yb, m=method, n=net: m.training_loss(n, xb, yb, 0))
+        loss(x, y).backward()
+        out[name] = method.run_batch_size() if name == "ewc" else method._offset
+    return out
+
+
 def _methods_and_eval(root: str) -> dict:
     out: dict[str, Any] = {}
     for name in METHODS:
@@ -207,6 +228,7 @@ def _methods_and_eval(root: str) -> dict:
             continue
         out[name] = {"acc": acc, "sums": _state_sums(*tr.kept)}
     out["grads"] = _sharded_grads()
+    out["rows_counted"] = _rows_counted()
     try:
         _DivergeRank1(_cfg(n_tasks=1, epochs=1), Path(root) / "diverge", quiet=True,
                       plots=False).run()
@@ -261,6 +283,11 @@ def test_sharded_gradient_is_the_global_batch_gradient(per_method: list[dict]) -
             assert r["grads"][n]["names"], n
             # ... equal to rounding: two partial sums instead of one
             assert r["grads"][n]["diff"] < 1e-6, (n, r["grads"][n])
+
+
+def test_a_stand_in_row_counts_no_sample(per_method: list[dict]) -> None:
+    # batch 1 on 2 ranks: EWC's Fisher batch and HAT's sample count as on one process
+    assert [r["rows_counted"] for r in per_method] == [_rows_counted()] * 2
 
 
 def test_evaluation_is_sharded_and_equals_one_process(per_method: list[dict]) -> None:
