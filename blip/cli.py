@@ -295,6 +295,7 @@ def _train(a: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     out = a.out or default_run_dir(cfg)
     train(cfg, out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
           hooks=_tensorboard_hooks(a.tensorboard and ddp.env_rank() == 0, out))
+    ddp.leave()  # torchrun's workers end together (ddp.leave)
     return 0
 
 

@@ -91,6 +91,18 @@ def join(device: str) -> Group:
     return Group(rank, size, str(dist.get_backend()), dev)
 
 
+def leave() -> None:
+    """End a run's process group after a run that succeeded on this rank: every rank waits
+    for the others, then destroys it. A worker that exits while another still writes the
+    run directory intermittently aborted at exit (rank 1: "terminate called without an
+    active exception", SIGABRT, so `blip train --nproc 2` failed after a complete run).
+    Not after an error: a barrier there could wait on a rank stuck in another collective,
+    where exiting lets torchrun's agent stop the others."""
+    if launched_by_torchrun() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def single_process_only(command: str) -> None:
     """Refuse to run ``command`` as several torchrun workers: they would be independent
     copies writing one run directory, not data-parallel ranks."""
@@ -271,5 +283,6 @@ def strip_option(argv: list[str], name: str) -> list[str]:
 
 __all__ = ["Group", "MAX_NPROC", "TORCHRUN_ENV", "check_model", "check_nproc", "check_start",
            "check_states", "check_supported", "cpu_threads", "end_task", "env_rank", "join",
-           "launch", "launched_by_torchrun", "ShardedLoss", "sharded_loss", "single_process_only",
+           "launch", "launched_by_torchrun", "leave", "ShardedLoss", "sharded_loss",
+           "single_process_only",
            "strip_option"]
