@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _spawn import run_ranks
 
 from blip.classification import ddp
 from blip.classification.data import load_benchmark
@@ -29,7 +30,6 @@ from blip.classification.trainer import TrainConfig, Trainer, train
 from blip.distributed import StateMismatchError, checksum, world
 from blip.methods import METHODS, method_class
 from blip.runs import checkpoint as ckpt
-from tests._spawn import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 SHORT = {"n_tasks": 3, "epochs": 2}
