@@ -449,6 +449,9 @@ class Trainer(Runner):
         t0 = time.perf_counter()
         info = self.train_task(net, method, task, t)
         t1 = time.perf_counter()
+        # the validation accuracy as training left it, before the method's end of task
+        # (BLIP's sync rounds the weights onto their bits' grids): what that step costs
+        valid_before_end = self.evaluate(net, task, t, "valid", method=method)[1]
         sample_x, sample_y = self._end_of_task_sample(task, t)
         # sync_rng_state, after_task, check_identical (a no-op check on one process)
         stats = ddp.end_task(net, method, t, sample_x, sample_y)
@@ -456,12 +459,16 @@ class Trainer(Runner):
         t2 = time.perf_counter()
         for u in range(t + 1):
             acc[t, u] = self.evaluate(net, stream[u], u, method=method)[1]
+        # the same row on the validation splits: what settings may be chosen on
+        valid_row = [self.evaluate(net, stream[u], u, "valid", method=method)[1]
+                     for u in range(t + 1)]
         t3 = time.perf_counter()
         n_params = sum(p.numel() for p in net.parameters())
         record = {
             "task": t, "name": task.name, **info,
             "train_seconds": t1 - t0, "end_task_seconds": t2 - t1,
             "eval_seconds": t3 - t2, "seconds": t3 - t0,
+            "valid_acc_before_end_task": valid_before_end, "valid_acc_row": valid_row,
             "capacity": {k: float(v) for k, v in (method.layer_capacity() or {}).items()},
             "method_stats": ckpt.jsonable(stats),
             # memory the method keeps beyond the model's weights, per weight
@@ -490,6 +497,7 @@ class Trainer(Runner):
             "bwt_authors": summ.get("bwt_authors"),
             "bwt_note": "bwt divides by T-1 (usual); bwt_authors divides by T (authors' scripts)",
             "forgetting": summ.get("forgetting"),
+            **valid_summary(records, T),
             "capacity": [r.get("capacity", {}) for r in records],
             "task_seconds": [r["seconds"] for r in records],
             "end_task_seconds": [r["end_task_seconds"] for r in records],
@@ -630,6 +638,21 @@ def nonfinite_epoch(net: nn.Module, opt: torch.optim.Optimizer, val_loss: float)
     if hasattr(opt, "skipped_nonfinite") and opt.skipped_nonfinite() > 0:
         return True
     return not all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def valid_summary(records: list[dict], T: int) -> dict[str, Any]:
+    """The accuracy matrix, ACC and BWT on the validation splits (settings are chosen on
+    these, never on the test splits); None where a record lacks its row (a run resumed
+    from a checkpoint written before rows were recorded)."""
+    rows = [r.get("valid_acc_row") for r in records]
+    if not rows or any(row is None for row in rows):
+        return {"valid_acc_matrix": None, "valid_acc": None, "valid_bwt": None}
+    matrix = metrics.new_matrix(T)
+    for t, row in enumerate(rows):
+        matrix[t, : len(row)] = row
+    summ = metrics.summary(matrix, len(rows) - 1)
+    return {"valid_acc_matrix": metrics.matrix_to_list(matrix), "valid_acc": summ["acc"],
+            "valid_bwt": summ["bwt"]}
 
 
 def fisher_summary(cfg: TrainConfig, records: list[dict]) -> dict[str, Any]:

@@ -86,6 +86,29 @@ def test_run_outputs(runs: dict[str, Path]) -> None:
     assert not (runs["finetune"] / "bits_hist.png").exists()  # nothing quantized
 
 
+def test_validation_matrix_is_recorded_beside_the_test_one(runs: dict[str, Path]) -> None:
+    """Settings are chosen on the validation splits: results.json holds their accuracy
+    matrix, ACC and BWT, and each task's validation accuracy before its end of task."""
+    from blip.classification.data import load_benchmark
+
+    r = json.loads((runs["blip"] / "results.json").read_text())
+    T = SHORT["n_tasks"]
+    v = metrics.matrix_from_list(r["valid_acc_matrix"])
+    assert v.shape == (T, T) and np.isnan(v[0, 1]) and not np.isnan(np.tril(v)).any()
+    assert r["valid_acc"] == pytest.approx(metrics.acc(v))
+    assert r["valid_bwt"] == pytest.approx(metrics.bwt(v))
+    # fractions of each task's validation split, not its test split
+    stream = load_benchmark("pdigits")
+    n_valid = [len(stream[t].y_valid) for t in range(T)]
+    for t in range(T):
+        for u in range(t + 1):
+            assert (v[t, u] * n_valid[u]) == pytest.approx(round(v[t, u] * n_valid[u]))
+        before = r["tasks"][t]["valid_acc_before_end_task"]
+        assert 0.0 < before <= 1.0
+        assert before * n_valid[t] == pytest.approx(round(before * n_valid[t]))
+    assert not np.array_equal(np.tril(v), np.tril(metrics.matrix_from_list(r["acc_matrix"])))
+
+
 def test_report_cli(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["report", str(runs["blip"])]) == 0
     out = capsys.readouterr().out
