@@ -48,14 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 def _add_train(sub: Any) -> None:
     from .classification.data import BENCHMARKS
     from .classification.step import COMPILE_MODES
-    from .methods import METHODS
+    from .methods import method_names
 
     t = sub.add_parser("train", help=COMMANDS["train"],
                        description="Learn a sequence of classification tasks. Unset options "
                        "take the benchmark's preset (the published hyperparameters).")
     t.add_argument("--benchmark", default="pdigits", choices=BENCHMARKS)
     t.add_argument("--method", default="blip",
-                   help=f"blip (default), {', '.join(m for m in METHODS if m != 'blip')}")
+                   help=f"blip (default), {', '.join(m for m in method_names() if m != 'blip')}"
+                   " (blip:<variant>: the opt-in allocation variants, docs/blip-study.md)")
     t.add_argument("--model", choices=["mlp", "alexnet", "resnet18"], default=None)
     t.add_argument("--epochs", type=int, help="epoch budget per task")
     t.add_argument("--lr", type=float, help="initial learning rate")
@@ -236,7 +237,7 @@ def parse_hp(items: Sequence[str]) -> dict[str, Any]:
 
 def compare_hp(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per-method hyper-parameters from ``[METHOD:]NAME=VALUE`` items (see `compare --hp`)."""
-    from .methods import METHODS
+    from .methods import method_class, method_names
 
     per: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for item in items:
@@ -248,7 +249,8 @@ def compare_hp(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[s
                 raise ValueError(f"--hp {item!r}: method {target!r} is not in --methods")
             per[target][hp[0]] = hp[1]
             continue
-        takers = [m for m in methods if m in METHODS and hp[0] in METHODS[m].HPARAMS]
+        takers = [m for m in methods
+                  if m in method_names() and hp[0] in method_class(m).HPARAMS]
         if not takers:
             raise ValueError(f"--hp {item!r}: none of the methods {list(methods)} accepts "
                              f"{hp[0]!r} (see `blip methods`)")
@@ -265,6 +267,8 @@ def _methods_text() -> str:
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         lines.append(f"{name}: {doc}")
         lines += [f"    {k} = {v!r}" for k, v in cls.HPARAMS.items()]
+        lines += [f"  {name}:{v}: {', '.join(f'{k}={x!r}' for k, x in hp.items())}"
+                  for v, hp in cls.VARIANTS.items()]
     return "\n".join(lines)
 
 

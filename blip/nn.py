@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 import blip_kernels
 
-from . import validate
+from . import allocation, validate
+from .allocation import Allocation
 
 FORWARD_MODES = ("continuous", "quantized")
 DEFAULT_MAX_BIT = 20
@@ -190,8 +191,9 @@ class _QuantMixin:
         for name in self.blip_param_names():
             setattr(self, f"fisher_{name}", None)
 
-    def update_bits_(self, task: int) -> None:
-        """Sections 2 and 3 with this task's Fisher (``task`` counts ended tasks from 0).
+    def update_bits_(self, task: int, rule: Allocation | None = None) -> None:
+        """Sections 2 and 3 with this task's Fisher (``task`` counts ended tasks from 0):
+        the authors' rule by the fused kernel, or an opt-in ``rule`` (blip.allocation).
 
         Frees the Fisher accumulators afterwards.
         """
@@ -204,10 +206,12 @@ class _QuantMixin:
                     f"update_bits_: no Fisher estimate for {name!r}; run "
                     "blip.fisher.estimate_fisher_ (or alloc_fisher_ and fill it) first"
                 )
-            blip_kernels.update_bits_(
-                getattr(self, f"bits_{name}"), fisher, getattr(self, f"fisher_old_{name}"),
-                task, self.max_bit,
-            )
+            args = (getattr(self, f"bits_{name}"), fisher, getattr(self, f"fisher_old_{name}"),
+                    task, self.max_bit)
+            if rule is None or rule.is_authors:
+                blip_kernels.update_bits_(*args)
+            else:
+                allocation.update_bits_(*args, rule)
         self.free_fisher_()
 
     def capacity(self) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .allocation import Allocation
 from .fisher import FISHER_BATCH_SIZE, FISHER_BATCHES, estimate_fisher_
 from .nn import DEFAULT_F_PRIOR, DEFAULT_MAX_BIT, convert, load_state_dict_atomic, quantized_layers
 from .optim import ConstrainedSGD, project_model_
@@ -57,6 +58,8 @@ class BLIP:
     ``exclude`` (the task heads). ``forward_mode``: ``"continuous"`` (train the fp
     weights, as the authors' code) or ``"quantized"`` (quantize-STE forward on the
     ``max_bit`` grid). ``n_batches``/``batch_size``: the Fisher sample (section 7).
+    ``allocation``: an opt-in bit-allocation rule (:class:`blip.allocation.Allocation`;
+    None or its defaults: the authors' rule, by the fused kernel).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class BLIP:
         forward_mode: str = "continuous",
         n_batches: int = FISHER_BATCHES,
         batch_size: int = FISHER_BATCH_SIZE,
+        allocation: Allocation | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -92,6 +96,10 @@ class BLIP:
         self.forward_mode = forward_mode
         self.n_batches = n_batches
         self.batch_size = batch_size
+        if allocation is not None and not isinstance(allocation, Allocation):
+            raise TypeError("allocation must be a blip.allocation.Allocation or None; got "
+                            f"{type(allocation).__name__}")
+        self.allocation = allocation or Allocation()
         self.tasks_seen = 0  # the t of sections 2-3: end_task calls so far
 
     # -- training ----------------------------------------------------------------------
@@ -154,7 +162,7 @@ class BLIP:
         )
         t1 = time.perf_counter()
         for layer in self.layers.values():
-            layer.update_bits_(self.tasks_seen)
+            layer.update_bits_(self.tasks_seen, self.allocation)
             layer.sync_()
         self.tasks_seen += 1
         cap = self.capacity()
@@ -174,7 +182,7 @@ class BLIP:
     def config(self) -> dict[str, Any]:
         return {"max_bit": self.max_bit, "F_prior": self.F_prior, "exclude": list(self.exclude),
                 "forward_mode": self.forward_mode, "n_batches": self.n_batches,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "allocation": self.allocation.to_dict()}
 
     def state_dict(self, include_model: bool = True) -> dict[str, Any]:
         """Task counter and config; plus ``model.state_dict()`` (where the BLIP buffers

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import validate
-from ..methods import METHODS
+from ..methods import method_names
 from ..runs import metrics
 from ..runs.checkpoint import write_text_atomic
 from ..runs.rundir import RUNS_ROOT, Progress, eta, pyplot, run_name
@@ -117,9 +117,9 @@ def run_all(benchmark: str, methods: Sequence[str], seeds: Sequence[int], out: s
     then from ``search`` (default ``runs/``). ``hooks(run_dir)`` gives extra trainer hooks
     for a run that trains (e.g. TensorBoard); ``progress``: an overall bar."""
     out = Path(out)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:  # before any run starts
-        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+        raise ValueError(f"unknown methods {unknown}; choose from {method_names()}")
     for what, items in (("methods", methods), ("seeds", seeds)):
         twice = sorted({str(x) for x in items if list(items).count(x) > 1})
         if twice:  # a repeated seed would be one run counted twice in the mean ± std

@@ -71,7 +71,7 @@ class Preset:
         """This preset's method hyper-parameters that a method accepting ``accepted`` takes
         (and, for ``method == "blip"``, the BLIP-only ones the preset sets)."""
         out = {k: getattr(self, k) for k in self.METHOD_HPARAMS if k in accepted}
-        if method == "blip":
+        if method is not None and method.partition(":")[0] == "blip":  # and its variants
             out.update({k: getattr(self, k) for k in self.BLIP_HPARAMS
                         if k in accepted and getattr(self, k) is not None})
         return out

@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import validate
 from ..distributed import all_reduce_sum_, rows
-from ..methods import METHODS, Method, make_method, method_class
+from ..methods import Method, make_method, method_class, method_names
 from ..modes import batchnorm_eval
 from ..nn import load_state_dict_atomic
 from ..runs import checkpoint as ckpt
@@ -117,8 +117,11 @@ class TrainConfig:
         base.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(benchmark=benchmark, **base)
         # the preset's method hyper-parameters (e.g. F_prior) for a method that takes them
-        accepted = method_class(cfg.method).HPARAMS
-        cfg.method_kwargs = {**p.method_hparams(accepted, cfg.method), **cfg.method_kwargs}
+        # (not those a named variant sets: they are what the variant is)
+        mcls = method_class(cfg.method)
+        preset_hp = {k: v for k, v in p.method_hparams(mcls.HPARAMS, cfg.method).items()
+                     if k not in mcls.VARIANT_SETTINGS}
+        cfg.method_kwargs = {**preset_hp, **cfg.method_kwargs}
         return cfg
 
     @classmethod
@@ -131,8 +134,8 @@ class TrainConfig:
             return saved
         saved = dict(saved)
         kwargs = dict(saved.get("method_kwargs") or {})
-        accepted = method_class(saved["method"]).HPARAMS if saved.get("method") in METHODS \
-            else {}
+        accepted = method_class(saved["method"]).HPARAMS \
+            if saved.get("method") in method_names() else {}
         for k in Preset.METHOD_HPARAMS + ("max_bit",):
             if k not in saved:
                 continue
@@ -260,6 +263,13 @@ def check_same_hparams(saved: dict[str, Any] | None, cfg: TrainConfig, path: Pat
         raise ValueError(f"cannot resume {path}: it was written before method {cfg.method!r} "
                          f"recorded its hyper-parameters, and the method's defaults have "
                          f"changed since (docs/baselines.md); start the run again")
+    # A hyper-parameter the record lacks was added to the method later, at the default
+    # that reproduces what ran before it existed (a default that changes meaning bumps
+    # DEFAULTS_REVISION instead): the record is read with that default.
+    defaults = ckpt.jsonable(method_class(cfg.method).HPARAMS)
+    saved = {**saved, "values": {**{k: v for k, v in defaults.items()
+                                    if k not in saved.get("values", {})},
+                                 **saved.get("values", {})}}
     if saved != now:
         old, new = saved.get("values", {}), now["values"]
         diff = sorted(k for k in {*old, *new} if old.get(k) != new.get(k)) or ["revision"]

@@ -9,7 +9,15 @@ every name to its class. The hook protocol is in :mod:`blip.methods.base`.
 from . import finetune, freeze, blip, ewc, online_ewc, si, mas, imm, lwf, agem, hat, packnet
 # isort: on
 from .agem import AGEM
-from .base import METHODS, Method, make_method, method_class, register, tensor_bytes
+from .base import (
+    METHODS,
+    Method,
+    make_method,
+    method_class,
+    method_names,
+    register,
+    tensor_bytes,
+)
 from .blip import BLIPMethod
 from .ewc import EWC
 from .finetune import Finetune
@@ -28,6 +36,6 @@ __all__ = [
     "AGEM", "EWC", "HAT", "MAS", "METHODS", "SI", "BLIPMethod", "Finetune", "Freeze", "IMMMode",
     "LwF", "Method", "OnlineEWC", "PackNet", "QuadraticPenaltyMethod", "agem", "blip",
     "distillation_loss", "ewc", "finetune", "freeze", "hat", "imm", "lwf", "make_method", "mas",
-    "mas_importance", "method_class", "online_ewc", "packnet", "register", "si", "tensor_bytes",
-    "trunk_layers",
+    "mas_importance", "method_class", "method_names", "online_ewc", "packnet", "register", "si",
+    "tensor_bytes", "trunk_layers",
 ]

@@ -81,6 +81,11 @@ class Method:
     #: recorded its resolved hyper-parameters is then neither resumed nor reused by compare
     #: (revision 2: the reference conventions of docs/baselines.md)
     DEFAULTS_REVISION: ClassVar[int] = 1
+    #: named variants, ``"<name>:<variant>"`` to the trainer and compare: each one set of
+    #: this method's hyper-parameters, its defaults in place of HPARAMS' (method_class)
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: on a variant's class: its settings (a benchmark preset does not override them)
+    VARIANT_SETTINGS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         if not isinstance(model, nn.Module):
@@ -174,11 +179,31 @@ def register(cls: type[Method]) -> type[Method]:
     return add_unique(METHODS, cls)
 
 
+_VARIANT_CLASSES: dict[str, type[Method]] = {}
+
+
+def method_names() -> list[str]:
+    """Every name the trainer accepts: the registered methods and their named variants."""
+    return [*METHODS, *(f"{m}:{v}" for m, cls in METHODS.items() for v in cls.VARIANTS)]
+
+
 def method_class(name: str) -> type[Method]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+    """The method registered as ``name``; ``"<method>:<variant>"``: that method with the
+    variant's hyper-parameters as its defaults (a subclass named so, made once)."""
+    base, colon, variant = name.partition(":") if isinstance(name, str) else (name, "", "")
+    cls = METHODS.get(base)
+    if cls is None or (colon and variant not in cls.VARIANTS):
+        raise ValueError(f"unknown method {name!r}; choose one of {method_names()}")
+    if not variant:
+        return cls
+    if name not in _VARIANT_CLASSES:
+        settings = cls.VARIANTS[variant]
+        _VARIANT_CLASSES[name] = type(f"{cls.__name__}_{variant}", (cls,), {
+            "name": name, "HPARAMS": {**cls.HPARAMS, **settings},
+            "VARIANT_SETTINGS": dict(settings),
+            "__doc__": f"{base} with {settings} (the {variant!r} variant; see {base}).",
+            "__module__": cls.__module__})
+    return _VARIANT_CLASSES[name]
 
 
 def make_method(name: str, model: nn.Module, **hparams: Any) -> Method:

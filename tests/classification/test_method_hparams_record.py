@@ -74,3 +74,25 @@ def test_compare_reuses_an_unrecorded_run_only_for_unchanged_defaults(tmp_path: 
     compare("pdigits", ["finetune", "hat"], [0], out, log=logs.append, plots=False, **SMALL)
     assert any("finetune seed 0: reusing" in line for line in logs), logs
     assert any("hat seed 0: running" in line for line in logs), logs
+
+
+def test_a_record_lacking_a_later_hyper_parameter_reads_it_at_its_default(
+        tmp_path: Path) -> None:
+    """blip's allocation options were added at the defaults that reproduce what ran before
+    them: a run recorded without them is reused by compare; one recorded with another
+    value is not."""
+    out = tmp_path / "cmp"
+    compare("pdigits", ["blip"], [0], out, log=lambda _: None, plots=False, **SMALL)
+    run = out / "pdigits-blip-seed0"
+    res = json.loads((run / RESULTS).read_text())
+    for key in ("gain_scale", "rounding", "max_bits_per_task", "prior_bits"):
+        del res["method_hparams"]["values"][key]
+    (run / RESULTS).write_text(json.dumps(res))
+    logs: list[str] = []
+    compare("pdigits", ["blip"], [0], out, log=logs.append, plots=False, **SMALL)
+    assert any("blip seed 0: reusing" in line for line in logs), logs
+    res["method_hparams"]["values"]["gain_scale"] = 0.5
+    (run / RESULTS).write_text(json.dumps(res))
+    logs.clear()
+    compare("pdigits", ["blip"], [0], out, log=logs.append, plots=False, **SMALL)
+    assert any("blip seed 0: running" in line for line in logs), logs
