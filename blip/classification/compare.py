@@ -189,6 +189,13 @@ def _extra_bytes(rs: list[dict]) -> float:
                           for r in rs]))
 
 
+def _capacity(rs: list[dict]) -> list[float] | None:
+    """Each run's used capacity after its last task (BLIP and its variants); None for a
+    method that keeps no bits."""
+    caps = [r["capacity"][-1].get("overall") if r.get("capacity") else None for r in rs]
+    return None if any(c is None for c in caps) else caps
+
+
 def table_rows(grouped: dict[str, list[dict]]) -> list[dict[str, str]]:
     """The markdown table's rows (formatted strings)."""
     heads = {"acc": "ACC %", "bwt": "BWT (÷T−1)", "bwt_authors": "BWT (÷T)",
@@ -200,6 +207,8 @@ def table_rows(grouped: dict[str, list[dict]]) -> list[dict[str, str]]:
             row[heads[stem]] = _ms(values, scale, sign)
             if stem == "forgetting":
                 row["extra bytes/param"] = f"{_extra_bytes(rs):.2f}"
+                caps = _capacity(rs)
+                row["capacity %"] = "–" if caps is None else _ms(caps)
         rows.append(row)
     return rows
 
@@ -215,6 +224,10 @@ def csv_rows(grouped: dict[str, list[dict]]) -> list[dict[str, Any]]:
             row[f"{stem}_mean"] = round(mu, 6)
             row[f"{stem}_std"] = round(sd, 6) if len(values) >= 2 else ""
         row["extra_bytes_per_param"] = round(_extra_bytes(rs), 6)
+        caps = _capacity(rs)
+        mu, sd = metrics.mean_std([100 * c for c in caps]) if caps else (None, None)
+        row["capacity_mean"] = "" if caps is None else round(mu, 6)
+        row["capacity_std"] = "" if caps is None or len(caps) < 2 else round(sd, 6)
         rows.append(row)
     return rows
 

@@ -42,6 +42,9 @@ def test_compare_writes_one_table_and_reuses_runs(tmp_path: Path) -> None:
     # BLIP keeps prev (4 B), bits (1 B) and F_old (4 B) per trunk weight; finetune nothing.
     assert float(rows["blip"]["extra_bytes_per_param"]) > 0
     assert float(rows["finetune"]["extra_bytes_per_param"]) == 0
+    # used capacity (percent of the bits) for BLIP, empty for a method without bits
+    assert 0 < float(rows["blip"]["capacity_mean"]) <= 100
+    assert rows["finetune"]["capacity_mean"] == "" and "| – |" in md.split("| finetune |")[1]
     assert (out / "compare_accuracy.png").stat().st_size > 0
 
     logs.clear()
