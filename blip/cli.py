@@ -416,6 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # user errors (bad option values, bad or missing files) and I/O failures (disk
         # full, read-only): one clear line naming the path, no traceback
         print(f"blip {a.command}: error: {e}", file=sys.stderr)
+        if a.command == "train":
+            from .classification import ddp
+
+            ddp.abandon()  # a torchrun worker's group ends here, not in its destructor
         return 2
     return 1
 

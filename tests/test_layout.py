@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "blip"
 
 # blip.validate is core: nn and optim check their arguments with it (it imports only numpy)
-CORE = {"blip", "blip.nn", "blip.optim", "blip.fisher", "blip.strategy", "blip.models",
-        "blip.modes", "blip.validate", "blip.distributed"}
+CORE = {"blip", "blip.nn", "blip.optim", "blip.fisher", "blip.allocation", "blip.strategy",
+        "blip.models", "blip.modes", "blip.validate", "blip.distributed"}
 TOP = {"blip.cli", "blip.data", "blip.__main__"}
 #: layer -> the layers it may import (itself included)
 ALLOWED = {
