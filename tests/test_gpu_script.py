@@ -335,3 +335,12 @@ def test_bench_records_a_failing_variant_and_times_the_others(tmp_path, monkeypa
     timed = {r["variant"]: r for r in rows if "seconds" in r}
     assert set(timed) == {"gemm-only", "replication"}
     assert timed["replication"]["speed_vs_gemm-only"] > 0
+
+
+def test_device_stack_job_is_an_executable_bash_script_that_parses():
+    job = ROOT / ".ci" / "device_stack_job"
+    assert os.access(job, os.X_OK)
+    assert job.read_text().startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in job.read_text()
+    proc = subprocess.run(["bash", "-n", str(job)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
