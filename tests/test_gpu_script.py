@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import textwrap
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,8 +25,14 @@ import toolkit  # noqa: E402 - csrc/cuda/toolkit.py (a script, not a package)
 sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 import ptxas_report  # noqa: E402
 
-STEPS = ["env", "build", "backends", "op_tests_cpp", "op_tests_triton", "bench", "train_blip",
-         "train_finetune", "graph_step", "triton_tests", "index64", "properties"]
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+import build_ext  # noqa: E402 - benchmarks/gpu/build_ext.py
+import run_all  # noqa: E402 - benchmarks/gpu/run_all.py
+
+# The order is the point: what only a GPU can tell and is fast first, the compile-heavy
+# Triton tests after the benchmark.
+STEPS = ["env", "build", "backends", "op_tests_cpp", "bench", "op_tests_triton", "graph_step",
+         "train_blip", "train_finetune", "triton_tests", "index64", "properties"]
 
 
 def _run_script(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -63,9 +74,14 @@ def test_dry_run_passes_every_step_and_writes_the_results(tmp_path):
     assert all(f"| {name} | passed |" in md for name in STEPS)
     log = (out / "run.log").read_text()
     assert all(f"===== {name}:" in log for name in STEPS)
-    # what the device tool returns: at most 8 plain files, two folders deep at most
+    assert res["finished"] and res["budget_seconds"] == run_all.DEFAULT_BUDGET
+    assert json.loads((out / "bench.json").read_text())["complete"]
+    # what the device tool returns: at most 8 plain files, two folders deep at most, named
+    # in letters, digits, '.', '_' and '-'; here: exactly the files the script declares
     files = list(out.rglob("*"))
-    assert len(files) <= 8 and all(f.is_file() for f in files), files
+    assert sorted(f.name for f in files) == sorted(run_all.OUTPUT_FILES)
+    assert len(files) <= 8 and all(f.is_file() and f.parent == out for f in files), files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files)
 
 
 def test_a_failing_step_is_recorded_and_the_next_steps_still_run(tmp_path):
@@ -93,6 +109,117 @@ def test_script_without_out_dir_prints_usage():
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run_all.sh"), "--dry-run"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_results_are_written_before_each_step_and_after_it(tmp_path, monkeypatch):
+    """A run killed from outside (the device command's timeout) keeps what finished: the
+    second step reads results.json while it runs and finds the first passed and itself
+    running."""
+    out = tmp_path / "out"
+    check = textwrap.dedent(f"""
+        import json
+        d = json.load(open({str(out / "results.json")!r}))
+        got = [(s["name"], s["status"]) for s in d["steps"]]
+        assert got == [("first", "passed"), ("second", "running"), ("third", "pending")], got
+        assert not d["finished"]
+        print("saw", got)
+    """)
+    steps = [run_all.Step("first", [sys.executable, "-c", "print('one')"], 60),
+             run_all.Step("second", [sys.executable, "-c", check], 60),
+             run_all.Step("third", [sys.executable, "-c", "print('three')"], 60)]
+    monkeypatch.setattr(run_all, "make_steps", lambda *a: steps)
+    assert run_all.main([str(out)]) == 0
+    res = _results(out)
+    assert [s["status"] for s in res["steps"]] == ["passed"] * 3 and res["finished"]
+    log = (out / "run.log").read_text()
+    assert "saw [('first', 'passed'), ('second', 'running')" in log
+
+
+def test_a_step_past_its_limit_is_killed_with_everything_it_started(tmp_path):
+    """pytest-xdist workers and compilers are grandchildren: a timeout ends the whole
+    process group, and the step's output up to then is kept."""
+    pid_file = tmp_path / "grandchild.pid"
+    code = textwrap.dedent(f"""
+        import subprocess, sys, time
+        g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        open({str(pid_file)!r}, "w").write(str(g.pid))
+        print("grandchild started", flush=True)
+        time.sleep(600)
+    """)
+    step = run_all.Step("hangs", [sys.executable, "-c", code], 600)
+    log_path = tmp_path / "run.log"
+    with open(log_path, "a") as log:
+        rec = run_all.run_step(step, log, 15.0, dict(os.environ))  # the budget left: 15 s
+    assert rec.status == "timeout" and rec.rc is None
+    assert "grandchild started" in log_path.read_text()
+    pid = int(pid_file.read_text())
+    for _ in range(400):  # SIGKILL is asynchronous: wait until it is gone (or a zombie)
+        status = Path(f"/proc/{pid}/status")
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if status.exists() and "zombie" in status.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"grandchild {pid} outlived its step")
+
+
+def test_pytest_counts_of_a_run_cut_short_come_from_the_verbose_lines():
+    whole = "tests/t.py::a PASSED  [ 50%]\n======= 1 failed, 3 passed, 2 deselected in 1.0s ===\n"
+    assert run_all.pytest_summary(whole)["counts"] == {"failed": 1, "passed": 3,
+                                                       "deselected": 2}
+    assert not run_all.pytest_summary(whole)["partial"]
+    cut = ("[gw0] [ 10%] PASSED tests/test_ops.py::test_a[triton-cuda]\n"
+           "[gw1] [ 20%] FAILED tests/test_ops.py::test_b[triton-cuda-7]\n"
+           "tests/test_ops.py::test_c[cpp-cuda] PASSED   [ 30%]\n"
+           "[gw1] [ 40%] SKIPPED tests/test_ops.py::test_d[cpp-cuda]\n")
+    got = run_all.pytest_summary(cut)
+    assert got["partial"] and got["counts"] == {"passed": 2, "failed": 1, "skipped": 1}
+    assert got["failed_tests"] == ["tests/test_ops.py::test_b[triton-cuda-7]"]
+
+
+def test_unknown_only_step_is_an_error(tmp_path):
+    proc = _run_script(tmp_path / "out", "--dry-run", "--only", "bench,no_such_step")
+    assert proc.returncode == 2 and "no_such_step" in proc.stderr
+
+
+# ------------------------------------------------------------------ build step
+
+
+def _fake_setuptools_wheel(folder: Path, version: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    whl = folder / f"setuptools-{version}-py3-none-any.whl"
+    info = f"setuptools-{version}.dist-info"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr(f"{info}/METADATA",
+                   f"Metadata-Version: 2.1\nName: setuptools\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                                    "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return whl
+
+
+def test_build_uses_the_installed_setuptools_when_it_reads_pyproject(tmp_path):
+    env = build_ext.build_env(tmp_path / "no-wheels", tmp_path, "80.9.0")
+    assert env.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
+    assert build_ext.version_tuple("77") == (77, 0)
+
+
+def test_build_with_an_old_setuptools_needs_a_carried_wheel(tmp_path):
+    with pytest.raises(SystemExit, match=r"setuptools 69\.5\.1 is installed.*>= 77.*\.whl"):
+        build_ext.build_env(tmp_path / "empty", tmp_path, "69.5.1")
+    wheels = tmp_path / "wheels"
+    _fake_setuptools_wheel(wheels, "70.0.0")  # too old to help
+    _fake_setuptools_wheel(wheels, "78.1.0")
+    _fake_setuptools_wheel(wheels, "80.9.0")
+    assert build_ext.newest_wheel(wheels).name == "setuptools-80.9.0-py3-none-any.whl"
+    env = build_ext.build_env(wheels, tmp_path / "scratch", "69.5.1")
+    site = tmp_path / "scratch" / "site"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(site)
+    assert (site / "setuptools-80.9.0.dist-info" / "METADATA").exists()
 
 
 # ------------------------------------------------------------------ toolkit search
@@ -208,3 +335,12 @@ def test_bench_records_a_failing_variant_and_times_the_others(tmp_path, monkeypa
     timed = {r["variant"]: r for r in rows if "seconds" in r}
     assert set(timed) == {"gemm-only", "replication"}
     assert timed["replication"]["speed_vs_gemm-only"] > 0
+
+
+def test_device_stack_job_is_an_executable_bash_script_that_parses():
+    job = ROOT / ".ci" / "device_stack_job"
+    assert os.access(job, os.X_OK)
+    assert job.read_text().startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in job.read_text()
+    proc = subprocess.run(["bash", "-n", str(job)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr

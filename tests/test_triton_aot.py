@@ -71,3 +71,33 @@ def test_ptxas_log_parsing() -> None:
     assert _aot.parse_ptxas_log(log) == (255, 56, 60, 52)
     with pytest.raises(_aot.TritonInternalsChanged, match="no register/spill counts"):
         _aot.parse_ptxas_log("ptxas info    : nothing here")
+
+
+def test_layer_like_shapes_are_recorded() -> None:
+    """Beyond the odd shapes: the models' and the GPU benchmark's layers, each dtype, so the
+    divisibility specialisations real layers get are compiled too (spills showed up only
+    there under triton 3.7, e.g. the benchmark's conv 64->128 in bf16 on sm_90)."""
+    proc = _run("--list", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cases = [ln.split("\t") for ln in proc.stdout.splitlines() if "\t" in ln]
+    persample = {c for k, c in cases if k == "_fisher_persample_kernel"}
+    linear2d = {c for k, c in cases if k == "_fisher_linear2d_kernel"}
+    for dt in ("fp32/fp32", "bf16/bf16", "fp16/fp16"):
+        assert f"bench conv3x3 s1p1 64->128 32x32 {dt} bias" in persample
+        assert f"bench linear3d 8x128x1024->1024 {dt}" in persample
+        assert f"ResNet conv3x3 s1p1 64->64 16x16 {dt}" in persample
+        assert f"MLP linear2d 64x784->1200 {dt}" in linear2d  # no bias
+    assert sum("ResNet" in c for c in persample) >= 15
+    assert sum("AlexNet" in c for c in persample) == 9
+
+
+def test_layer_cases_split_over_samples_as_an_h100_would() -> None:
+    from blip_kernels.triton import aot_check
+
+    h100 = aot_check._split_as(aot_check.ON_H100)
+    # 2 x 132 SMs worth of programs, at most 64 per tile and at most one per sample
+    assert h100(64, 18, None) == 15  # conv 64->128 3x3: 2 x 9 tiles of 64 x 64
+    assert h100(64, 1, None) == 64
+    assert h100(8, 1, None) == 8
+    assert h100(64, 1000, None) == 1
+    assert aot_check._split_as(3)(2, 5, None) == 2

@@ -275,22 +275,35 @@ def main(argv: list[str] | None = None) -> int:
     tiny = args.tiny
     if tiny:
         torch.set_num_threads(1)  # tiny CPU ops: thread wake-ups would dominate the timings
+    # Cheapest and most asked-for first; the 256x4096->4096 Linear (its replication
+    # baseline holds the weight 256 times, ~50 GB on a GPU) last. bench.json is rewritten
+    # after every case, so a run cut short keeps the cases that finished.
     cases: list[tuple[str, Callable[[], list[dict]]]] = [
         ("elementwise", lambda: elementwise(timer, 1 << 12 if tiny else 1 << 26,
                                             2 if tiny else 10)),
-        ("fisher_linear", lambda: fisher_linear(timer, *((8, 24, 16) if tiny
-                                                         else (256, 4096, 4096)))),
         ("fisher_linear_paper", lambda: fisher_linear(timer, *((4, 12, 8) if tiny
                                                                else (100, 784, 1200)))),
-        ("fisher_linear_seq", lambda: fisher_linear_seq(timer, *((3, 5, 16, 8) if tiny
-                                                                 else (64, 128, 1024, 1024)))),
         ("fisher_conv2d", lambda: fisher_conv(timer, *((2, 3, 4, 6, 3) if tiny
                                                        else (64, 64, 128, 32, 3)))),
+        ("fisher_linear_seq", lambda: fisher_linear_seq(timer, *((3, 5, 16, 8) if tiny
+                                                                 else (64, 128, 1024, 1024)))),
         ("train_step", lambda: train_step(timer, *((16, 8, 1, 8, 3) if tiny
                                                    else (784, 1200, 2, 64, 50)))),
+        ("fisher_linear", lambda: fisher_linear(timer, *((8, 24, 16) if tiny
+                                                         else (256, 4096, 4096)))),
     ]
     rows: list[dict] = []
     failed = []
+
+    def write(done: list[str]) -> None:
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps({"device": args.device, "tiny": tiny, "cases_done": done,
+                                   "complete": len(done) == len(cases), "rows": rows},
+                                  indent=1))
+        tmp.replace(args.out)
+
+    done: list[str] = []
+    write(done)
     for name, run in cases:
         t0 = time.perf_counter()
         try:
@@ -309,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['group']:<44} {r['variant']:<12} {r['seconds'] * 1e3:10.4f} ms "
                       f"{extras}", flush=True)
         print(f"-- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        done.append(name)
+        write(done)
         if timer.device.type == "cuda":
             torch.cuda.empty_cache()
-    args.out.write_text(json.dumps({"device": args.device, "tiny": tiny, "rows": rows},
-                                   indent=1))
     return 1 if failed else 0
 
 

@@ -20,7 +20,9 @@ from typing import Any
 import triton
 import triton.language as tl
 
-TESTED_TRITON = ("3.7",)
+from . import _compat
+
+TESTED_TRITON = tuple(f"{major}.{minor}" for major, minor in _compat.TESTED)
 
 
 class TritonInternalsChanged(RuntimeError):
@@ -48,8 +50,7 @@ except ImportError as _exc:  # pragma: no cover - only on a different triton
 
 def version_note() -> str | None:
     """A warning line when this triton is not one the check was written for."""
-    if any(triton.__version__.startswith(v + ".") or triton.__version__ == v
-           for v in TESTED_TRITON):
+    if _compat.VERSION in _compat.TESTED:
         return None
     return (f"warning: triton {triton.__version__} is untested here "
             f"(tested: {', '.join(TESTED_TRITON)}.x); results may be wrong")

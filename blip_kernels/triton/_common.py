@@ -13,9 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _compat
+
 #: Whether kernels are (being) decorated for the interpreter. Triton reads the
 #: variable when ``@triton.jit`` runs, i.e. when the kernel modules are imported.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    _compat.fix_interpreter_scalar_index()  # triton 3.6: loops over run-time bounds
 
 #: Storage kinds of a parameter-like tensor, passed to kernels as a constexpr.
 KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2

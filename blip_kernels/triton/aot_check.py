@@ -7,7 +7,9 @@ tensors with every kernel object swapped for a recorder, over workloads that rea
 every branch they have: each parameter dtype (fp32/bf16/fp16, and the mixed x/grad_out
 pairs of the Fisher ops), bias or not, momentum/Nesterov/weight decay, the
 split-over-samples (atomic) Fisher path, sizes that are and are not multiples of 16,
-a misaligned view, ints equal to 1. Each recorded launch is bound exactly as Triton
+a misaligned view, ints equal to 1; then the layers the models and the GPU benchmark
+really have (MLP, ResNet-18, AlexNet, the benchmark's Linear/Conv2d; batches of 64, each
+dtype, the split over samples an H100 would choose). Each recorded launch is bound exactly as Triton
 binds it at run time, duplicates are dropped, every autotune config is expanded,
 and each distinct specialisation is compiled for ``sm_<arch>`` in a child process
 (a compiler assertion aborts its process, so it must not be ours). The table gives,
@@ -162,25 +164,35 @@ def _elementwise_cases() -> Iterator[tuple[str, Callable[[], None]]]:
                        lambda b=b, f=f, fo=fo, mb=max_bit: bits.update_bits_(b, f, fo, 0, mb))
 
 
-def _fisher_cases() -> Iterator[tuple[str, Callable[[], None], int]]:
-    """(label, call, split): split is what the split-over-samples heuristic returns."""
+def _linear(n: int, out: int, inp: int, xd: torch.dtype, cd: torch.dtype, bias: bool,
+            length: int | None = None) -> Callable[[], None]:
     from . import fisher
 
-    def linear(n: int, out: int, inp: int, xd: torch.dtype, cd: torch.dtype, bias: bool,
-               length: int | None = None) -> Callable[[], None]:
-        lead = (n,) if length is None else (n, length)
-        x, c = torch.zeros(*lead, inp, dtype=xd), torch.zeros(*lead, out, dtype=cd)
-        fw, fb = torch.zeros(out, inp), torch.zeros(out) if bias else None
-        return lambda: fisher.fisher_linear_(fw, fb, x, c, 1.0)
+    lead = (n,) if length is None else (n, length)
+    x, c = torch.zeros(*lead, inp, dtype=xd), torch.zeros(*lead, out, dtype=cd)
+    fw, fb = torch.zeros(out, inp), torch.zeros(out) if bias else None
+    return lambda: fisher.fisher_linear_(fw, fb, x, c, 1.0)
 
-    def conv(n: int, cin: int, cout: int, hw: int, k: int, stride: int, pad: int, dil: int,
-             groups: int, xd: torch.dtype, cd: torch.dtype, bias: bool) -> Callable[[], None]:
-        ho = (hw + 2 * pad - dil * (k - 1) - 1) // stride + 1
-        x, c = torch.zeros(n, cin, hw, hw, dtype=xd), torch.zeros(n, cout, ho, ho, dtype=cd)
-        fw, fb = torch.zeros(cout, cin // groups, k, k), torch.zeros(cout) if bias else None
-        return lambda: fisher.fisher_conv2d_(fw, fb, x, c, (stride,) * 2, (pad,) * 2, (dil,) * 2,
-                                             groups, 1.0)
 
+def _conv(n: int, cin: int, cout: int, hw: int, k: int, stride: int, pad: int, dil: int,
+          groups: int, xd: torch.dtype, cd: torch.dtype, bias: bool) -> Callable[[], None]:
+    from . import fisher
+
+    ho = (hw + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    x, c = torch.zeros(n, cin, hw, hw, dtype=xd), torch.zeros(n, cout, ho, ho, dtype=cd)
+    fw, fb = torch.zeros(cout, cin // groups, k, k), torch.zeros(cout) if bias else None
+    return lambda: fisher.fisher_conv2d_(fw, fb, x, c, (stride,) * 2, (pad,) * 2, (dil,) * 2,
+                                         groups, 1.0)
+
+
+#: ``split`` of a case that takes the split over samples an H100 (132 SMs) would get.
+ON_H100: int = 0
+_H100_SMS = 132
+
+
+def _fisher_cases() -> Iterator[tuple[str, Callable[[], None], int]]:
+    """(label, call, split): split is what the split-over-samples heuristic returns."""
+    linear, conv = _linear, _conv
     f32, bf16 = torch.float32, torch.bfloat16
     # Every x/grad_out dtype pair on the heaviest path of each kernel (bias, and the
     # split over samples), first so that a --sample run covers them; then each other
@@ -213,6 +225,61 @@ def _fisher_cases() -> Iterator[tuple[str, Callable[[], None], int]]:
         yield f"conv11x11 s4p2 3->16{s}", conv(2, 3, 16, 35, 11, 4, 2, 1, 1, f32, f32, bias), split
 
 
+def _layer_cases() -> Iterator[tuple[str, Callable[[], None], int]]:
+    """The layers the models and benchmarks/gpu/bench.py really have: sizes that are
+    multiples of 16 (so other divisibility specialisations than the odd shapes above),
+    batches of 64, each dtype, with the split over samples an H100 would choose."""
+    f32, bf16, f16 = DTYPES
+    for xd, cd in ((f32, f32), (bf16, bf16), (f16, f16), (bf16, f32)):
+        tag = f"{_SHORT[xd]}/{_SHORT[cd]}"
+        for bias in (True, False):
+            b = " bias" if bias else ""
+            yield f"MLP linear2d 64x784->1200 {tag}{b}", _linear(64, 1200, 784, xd, cd, bias), 1
+    yield "paper linear2d 100x784->1200 fp32/fp32 bias", _linear(100, 1200, 784, f32, f32,
+                                                                 True), 1
+    for dt in (f32, bf16, f16):
+        tag = f"{_SHORT[dt]}/{_SHORT[dt]}"
+        for bias in (True, False):
+            b = " bias" if bias else ""
+            yield (f"bench linear3d 8x128x1024->1024 {tag}{b}",
+                   _linear(8, 1024, 1024, dt, dt, bias, 128), ON_H100)
+            yield (f"bench conv3x3 s1p1 64->128 32x32 {tag}{b}",
+                   _conv(64, 64, 128, 32, 3, 1, 1, 1, 1, dt, dt, bias), ON_H100)
+            # ResNet-18 on 32x32 images: bias-free convs
+            yield (f"ResNet conv3x3 s1p1 64->64 16x16 {tag}{b}",
+                   _conv(64, 64, 64, 16, 3, 1, 1, 1, 1, dt, dt, bias), ON_H100)
+        yield (f"ResNet stem conv3x3 s2p1 3->64 32x32 {tag}",
+               _conv(64, 3, 64, 32, 3, 2, 1, 1, 1, dt, dt, False), ON_H100)
+        yield (f"ResNet conv3x3 s2p1 64->128 16x16 {tag}",
+               _conv(64, 64, 128, 16, 3, 2, 1, 1, 1, dt, dt, False), ON_H100)
+        yield (f"ResNet shortcut conv1x1 s2 64->128 16x16 {tag}",
+               _conv(64, 64, 128, 16, 1, 2, 0, 1, 1, dt, dt, False), ON_H100)
+        yield (f"ResNet conv3x3 s1p1 512->512 2x2 {tag}",
+               _conv(64, 512, 512, 2, 3, 1, 1, 1, 1, dt, dt, False), ON_H100)
+        # AlexNet on 32x32 images (kernels size // 8, size // 10, 2), with bias
+        yield (f"AlexNet conv4x4 3->64 32x32 {tag} bias",
+               _conv(64, 3, 64, 32, 4, 1, 0, 1, 1, dt, dt, True), ON_H100)
+        yield (f"AlexNet conv3x3 64->128 14x14 {tag} bias",
+               _conv(64, 64, 128, 14, 3, 1, 0, 1, 1, dt, dt, True), ON_H100)
+        yield (f"AlexNet conv2x2 128->256 6x6 {tag} bias",
+               _conv(64, 128, 256, 6, 2, 1, 0, 1, 1, dt, dt, True), ON_H100)
+    yield ("ResNet stem conv3x3 s2p1 3->64 84x84 fp32/fp32",
+           _conv(16, 3, 64, 84, 3, 2, 1, 1, 1, f32, f32, False), ON_H100)
+    for dt in (f32, bf16):
+        yield (f"ImageNet ResNet stem conv7x7 s2p3 3->64 224x224 {_SHORT[dt]}/{_SHORT[dt]}",
+               _conv(16, 3, 64, 224, 7, 2, 3, 1, 1, dt, dt, False), ON_H100)
+
+
+def _split_as(split: int) -> Callable[[int, int, Any], int]:
+    """A stand-in for fisher._split_n: ``split`` programs per tile (at most n), or with
+    ON_H100 what the heuristic returns on a GPU of 132 SMs."""
+    if split == ON_H100:
+        from . import fisher
+
+        return lambda n, tiles, device: fisher.split_for(n, tiles, _H100_SMS)
+    return lambda n, tiles, device: min(n, split)
+
+
 def record_launches() -> tuple[list[Launch], set[str]]:
     """Run the real launchers over every workload; return the launches and the kernels
     the kernel modules define."""
@@ -227,9 +294,9 @@ def record_launches() -> tuple[list[Launch], set[str]]:
             for label, call in _elementwise_cases():
                 case[0] = label
                 call()
-            for label, call, split in _fisher_cases():
+            for label, call, split in (*_fisher_cases(), *_layer_cases()):
                 case[0] = label
-                fisher._split_n = lambda n, tiles, device, s=split: min(n, s)
+                fisher._split_n = _split_as(split)
                 call()
         finally:
             fisher._split_n = real_split
@@ -376,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="at most N specialisations per kernel x config x arch (quick runs)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiles in parallel (default: CPU count)")
+    parser.add_argument("--list", action="store_true",
+                        help="only print the recorded launches (kernel, workload), no compiling")
     args = parser.parse_args(argv)
     # Kernels (triton's own library functions included) must be decorated for compilation,
     # not for the interpreter; triton reads the variable as it decorates them, on import.
@@ -413,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     launches, defined = record_launches()
+    if args.list:
+        for ln in launches:
+            print(f"{ln.kernel}\t{ln.case}")
+        return 0
     wanted = set(args.kernel) if args.kernel else None
     if wanted is not None and (unknown := wanted - defined):
         parser.error(f"--kernel: unknown kernel(s) {sorted(unknown)}; known: {sorted(defined)}")

@@ -153,15 +153,19 @@ _I32_MAX = 2**31 - 1
 _INTERP_LINEAR = {"BLOCK_O": 32, "BLOCK_I": 32, "BLOCK_N": _LINEAR_BLOCK_N}
 _INTERP_PERSAMPLE = {"BLOCK_O": 32, "BLOCK_K": 32, "BLOCK_P": 32}
 
-# Configs chosen so that no launch spills a register on sm_80 or sm_90 (checked by
-# `python3 -m blip_kernels.triton.aot_check`): 128x128 tiles spill on unaligned shapes
-# whatever the warps, 128x64 needs 8 warps. The per-sample kernel gathers x (no
-# cp.async), so a second pipeline stage only holds the next tiles in registers: one stage.
-# With 16 warps ptxas may cap itself at 64 registers and spill; maxnreg=128 (the most
-# 512 threads can have) lets it use what the tile needs.
+# Configs chosen so that no launch spills a register on sm_80 or sm_90 under triton 3.6
+# and 3.7 (checked by `python3 -m blip_kernels.triton.aot_check`, odd and layer-like
+# shapes): 128x128 tiles spill on unaligned shapes whatever the warps, 128x64 needs 8
+# warps. The per-sample kernel gathers x (no cp.async), so a second pipeline stage only
+# holds the next tiles in registers: one stage. Its configs set maxnreg=255: without it
+# ptxas aims at a smaller register count (room for more resident programs) and spills a
+# few bytes to reach it, e.g. 4-40 B at 72-168 registers under 3.6 and 8-20 B at the
+# benchmark's conv 64->128 bf16 under 3.7; with it they use up to 168 (32x32) and 254
+# (64x64x64) registers and spill nothing. 16 warps are out: 512 threads can have at most
+# 128 registers each, where 64x64x64 spilled (48-88 B under 3.6).
 # (BLOCK_O, BLOCK_I, warps, stages) and (BLOCK_O, BLOCK_K, BLOCK_P, warps, stages, maxnreg):
 LINEAR_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3))
-PERSAMPLE_CONFIGS = ((32, 32, 32, 4, 1, None), (64, 64, 32, 8, 1, None), (64, 64, 64, 16, 1, 128))
+PERSAMPLE_CONFIGS = ((32, 32, 32, 4, 1, 255), (64, 64, 32, 8, 1, 255), (64, 64, 64, 8, 1, 255))
 
 if INTERPRET:
     _linear2d = _fisher_linear2d_kernel
@@ -201,12 +205,17 @@ def _meta(fixed: dict[str, int]) -> dict[str, int]:
     return dict(fixed) if INTERPRET else {}
 
 
+def split_for(n: int, tiles: int, sms: int) -> int:
+    """Programs per output tile on a GPU of ``sms`` multiprocessors: two programs per SM
+    in all when the layer has few tiles, at most 64 per tile and one per sample."""
+    return max(1, min(n, -(-2 * sms // max(tiles, 1)), 64))
+
+
 def _split_n(n: int, tiles: int, device: torch.device) -> int:
     """Programs per output tile: enough to fill the GPU when the layer has few tiles."""
     if INTERPRET or device.type != "cuda":
         return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n, -(-target // max(tiles, 1)), 64))
+    return split_for(n, tiles, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def fisher_linear_(

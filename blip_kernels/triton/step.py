@@ -91,9 +91,11 @@ def _sgd_project_kernel(
     stepped = tl.where(ok, _fma(g, -lr, w), w)
     out = project_f32(stepped, prev, bits, b, lim)
     tl.store(w_ptr + offs, from_f32(out, KIND), mask=mask)
-    # One atomic per block, not per element.
+    # One atomic per block, not per element, and none where the block had no bad
+    # gradient (the usual case): same-address atomics from every block serialise.
     bad = tl.sum((mask & ~ok).to(tl.int64), axis=0)
-    tl.atomic_add(count_ptr, bad)
+    if bad > 0:
+        tl.atomic_add(count_ptr, bad)
 
 
 @triton.jit
@@ -108,7 +110,8 @@ def _project_kernel(
     out = project_f32(w, prev, bits, b, lim)
     tl.store(w_ptr + offs, from_f32(out, KIND), mask=mask)
     bad = tl.sum((mask & ~is_finite(w)).to(tl.int64), axis=0)
-    tl.atomic_add(count_ptr, bad)
+    if bad > 0:
+        tl.atomic_add(count_ptr, bad)
 
 
 @triton.jit
